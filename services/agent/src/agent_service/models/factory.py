@@ -1,0 +1,79 @@
+"""Settings → one strands ``Model``, shared by every session's agent.
+
+A strands model holds configuration and a client, not conversation state, so one
+instance serves all agents; each session gets its own ``Agent`` around it.
+Provider SDKs are imported lazily so a deployment only needs the one it uses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from strands.models import Model
+
+from agent_service.models.demo import DemoModel
+from agent_service.settings import Settings
+
+
+def build_model(settings: Settings) -> Model:
+    """Build the model the settings name, with strands' own provider classes."""
+    provider = settings.model_provider
+    model_id = settings.resolved_model_id()
+    if provider == "demo":
+        return DemoModel(
+            model_id=model_id,
+            token_delay_ms=settings.demo_token_delay_ms,
+            reply_words=settings.demo_reply_words,
+            max_tokens=settings.max_tokens,
+        )
+    if provider in ("local", "openai"):
+        return _openai_compatible(settings, model_id)
+    if provider == "bedrock":
+        from strands.models.bedrock import BedrockModel
+
+        bedrock_config: dict[str, Any] = {"model_id": model_id, "max_tokens": settings.max_tokens}
+        if settings.temperature is not None:
+            bedrock_config["temperature"] = settings.temperature
+        return BedrockModel(region_name=settings.bedrock_region or None, **bedrock_config)
+    if provider == "anthropic":
+        from strands.models.anthropic import AnthropicModel
+
+        api_key = settings.anthropic_api_key.get_secret_value() or os.environ.get("ANTHROPIC_API_KEY", "")
+        return AnthropicModel(
+            client_args={"api_key": api_key} if api_key else None,
+            model_id=model_id,
+            max_tokens=settings.max_tokens,
+            params=_sampling(settings),
+        )
+    if provider == "ollama":
+        from strands.models.ollama import OllamaModel
+
+        ollama_config: dict[str, Any] = {"model_id": model_id, "max_tokens": settings.max_tokens}
+        if settings.temperature is not None:
+            ollama_config["temperature"] = settings.temperature
+        return OllamaModel(settings.ollama_host, **ollama_config)
+    raise ValueError(f"unknown model provider {provider!r}")  # pragma: no cover - Literal guards it
+
+
+def _openai_compatible(settings: Settings, model_id: str) -> Model:
+    """`local` (our llama-server) and `openai` (any OpenAI-compatible endpoint).
+
+    strands' ``LlamaCppModel`` buffers the whole answer, so llama-server is reached
+    through its OpenAI-compatible API, which streams token by token.
+    """
+    from strands.models.openai import OpenAIModel
+
+    if settings.model_provider == "local":
+        client_args: dict[str, Any] = {"base_url": settings.local_base_url.rstrip("/") + "/v1", "api_key": "local"}
+    else:
+        api_key = settings.openai_api_key.get_secret_value() or os.environ.get("OPENAI_API_KEY", "")
+        client_args = {"api_key": api_key or None}
+        if settings.openai_base_url:
+            client_args["base_url"] = settings.openai_base_url
+    params: dict[str, Any] = {"max_tokens": settings.max_tokens, **_sampling(settings)}
+    return OpenAIModel(client_args=client_args, model_id=model_id, params=params)
+
+
+def _sampling(settings: Settings) -> dict[str, Any]:
+    return {} if settings.temperature is None else {"temperature": settings.temperature}

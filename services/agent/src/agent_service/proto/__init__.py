@@ -1,0 +1,1 @@
+"""Code generated from protos/agent/agent.proto by `make protos`; do not edit."""

@@ -1,0 +1,157 @@
+"""Sessions: one strands Agent per conversation, used by one call at a time.
+
+The seed shared a single Agent across every caller, so callers saw each other's
+history and concurrent calls crashed with ConcurrencyException. Here each
+session id owns its Agent; a second call on a busy session is refused at once
+(the caller gets a clear ABORTED); history is persisted by strands'
+FileSessionManager, so agents can leave memory (LRU, idle timeout) and come back
+from disk with nothing lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from strands import Agent
+from strands.models import Model
+from strands.session import FileSessionManager
+
+from agent_service.settings import Settings
+from agent_service.tools import default_tools
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+class InvalidSessionIdError(ValueError):
+    """The session id could name a path outside the data directory, or is too long."""
+
+
+class SessionBusyError(RuntimeError):
+    """Another call is answering on this session right now."""
+
+
+def validate_session_id(session_id: str) -> str:
+    """Return the id if it is safe as a directory name, else raise InvalidSessionIdError."""
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise InvalidSessionIdError(
+            "session id must be 1-128 characters of letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+    return session_id
+
+
+class AgentFactory:
+    """Builds the Agent of a session around the shared model."""
+
+    def __init__(self, settings: Settings, model: Model) -> None:
+        self._settings = settings
+        self._model = model
+
+    def create(self, session_id: str) -> Agent:
+        """A new agent; with a session id, its history is loaded from and saved to disk (blocking I/O)."""
+        session_manager = None
+        if session_id:
+            session_manager = FileSessionManager(session_id=session_id, storage_dir=str(self._settings.data_dir))
+        return Agent(
+            model=self._model,
+            tools=default_tools(),
+            system_prompt=self._settings.system_prompt,
+            callback_handler=None,
+            session_manager=session_manager,
+        )
+
+
+@dataclass(eq=False)
+class Session:
+    """A conversation and the agent that holds it; `busy` while a call uses it."""
+
+    session_id: str
+    agent: Agent | None = None
+    busy: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def persisted(self) -> bool:
+        return bool(self.session_id)
+
+
+class SessionRegistry:
+    """Finds or creates session agents; bounds how many stay in memory."""
+
+    def __init__(self, factory: AgentFactory, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._factory = factory
+        self._max_sessions = settings.max_sessions
+        self._idle_s = settings.session_idle_s
+        self._clock = clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def ephemeral(self) -> Session:
+        """A fresh, unpersisted conversation that no other call can find."""
+        return Session(session_id="")
+
+    async def acquire(self, session: Session | str) -> Session:
+        """Mark the session busy and make sure it has an agent; pair with `release`.
+
+        Raises SessionBusyError when another call holds it. Strings are session ids
+        (already validated); a Session object is an ephemeral one held by its caller.
+        """
+        if isinstance(session, str):
+            session = self._lookup(session)
+        if session.busy:
+            raise SessionBusyError(
+                f"session {session.session_id!r} is busy answering another request; retry when it completes"
+            )
+        session.busy = True
+        try:
+            if session.agent is None:
+                if session.persisted:
+                    session.agent = await asyncio.to_thread(self._factory.create, session.session_id)
+                else:
+                    session.agent = self._factory.create("")
+        except BaseException:
+            session.busy = False
+            raise
+        return session
+
+    def release(self, session: Session) -> None:
+        """The call is over: the session may serve the next one."""
+        session.busy = False
+        session.last_used = self._clock()
+
+    def evict_idle(self) -> int:
+        """Drop agents idle longer than the idle timeout; their history stays on disk."""
+        deadline = self._clock() - self._idle_s
+        stale = [sid for sid, s in self._sessions.items() if not s.busy and s.last_used < deadline]
+        for sid in stale:
+            del self._sessions[sid]
+        return len(stale)
+
+    async def evict_idle_forever(self, interval_s: float) -> None:
+        """Background task: evict idle sessions every `interval_s` seconds."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.evict_idle()
+
+    def _lookup(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = Session(session_id=session_id)
+            self._evict_over_capacity(keep=session_id)
+        else:
+            self._sessions.move_to_end(session_id)
+        return session
+
+    def _evict_over_capacity(self, keep: str) -> None:
+        """Least recently used idle agents go first; busy ones (and `keep`) are never dropped."""
+        excess = len(self._sessions) - self._max_sessions
+        if excess <= 0:
+            return
+        for sid in [sid for sid, s in self._sessions.items() if not s.busy and sid != keep][:excess]:
+            del self._sessions[sid]

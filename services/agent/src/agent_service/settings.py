@@ -1,0 +1,112 @@
+"""The service's one settings object, read from `AGENT_*` environment variables.
+
+Read once at start-up and passed down; nothing else in the package reads the
+environment (OpenTelemetry's standard `OTEL_*` variables excepted).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["demo", "local", "openai", "bedrock", "anthropic", "ollama"]
+
+DEFAULT_BEDROCK_MODEL_ID = "us.anthropic.claude-3-7-sonnet-20250219-v1:0"
+DEFAULT_SYSTEM_PROMPT = (
+    "You're a helpful assistant. You can do simple math calculations, tell the weather, and provide the current time."
+)
+
+
+class Settings(BaseSettings):
+    """Every knob of the agent service. Field docs are the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENT_", extra="ignore", frozen=True)
+
+    # --- model -------------------------------------------------------------
+    model_provider: Provider = Field(
+        "local", description="Model provider: demo, local, openai, bedrock, anthropic, ollama."
+    )
+    model_id: str = Field("", description="Model id for the provider; empty picks the provider's default.")
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt of every agent.")
+    max_tokens: int = Field(1024, ge=1, description="Maximum output tokens per model call.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature; empty keeps the provider's default."
+    )
+    local_base_url: str = Field(
+        "http://127.0.0.1:8081", description="Base URL of the local llama-server (provider `local`)."
+    )
+    openai_base_url: str = Field(
+        "", description="Base URL of an OpenAI-compatible API (provider `openai`); empty for OpenAI itself."
+    )
+    openai_api_key: SecretStr = Field(
+        SecretStr(""), description="API key for provider `openai` (falls back to OPENAI_API_KEY)."
+    )
+    anthropic_api_key: SecretStr = Field(
+        SecretStr(""), description="API key for provider `anthropic` (falls back to ANTHROPIC_API_KEY)."
+    )
+    ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server address (provider `ollama`).")
+    bedrock_region: str = Field("", description="AWS region for provider `bedrock`; empty uses the AWS default chain.")
+    demo_token_delay_ms: float = Field(
+        20.0, ge=0, description="Delay per streamed word of the demo model, in ms (0 allowed)."
+    )
+    demo_reply_words: int = Field(
+        0, ge=0, description="Pad or cut demo text replies to exactly this many words (0: natural length)."
+    )
+
+    # --- network -----------------------------------------------------------
+    grpc_host: str = Field("[::]", description="Interface the gRPC server binds (all interfaces by default).")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
+
+    # --- limits ------------------------------------------------------------
+    max_concurrent_streams: int = Field(
+        1000, ge=1, description="Streams served at once; more fail with RESOURCE_EXHAUSTED."
+    )
+    max_content_chars: int = Field(32_000, ge=1, description="Longest accepted `content`, in characters.")
+    max_metadata_entries: int = Field(16, ge=0, description="Most entries accepted in a request's `metadata` map.")
+    max_metadata_key_chars: int = Field(64, ge=1, description="Longest accepted metadata key.")
+    max_metadata_value_chars: int = Field(1024, ge=1, description="Longest accepted metadata value.")
+    bidi_read_ahead: int = Field(8, ge=1, description="Requests of a bidi stream read ahead of the answer in progress.")
+
+    # --- time --------------------------------------------------------------
+    max_stream_duration_s: float = Field(
+        300.0, gt=0, description="Longest an answer may run when the client sets no deadline."
+    )
+    cancel_grace_s: float = Field(
+        2.0, ge=0, description="Time a cancelled agent gets to stop cleanly before it is abandoned."
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="Time in-flight streams get to finish on SIGTERM before they are cancelled."
+    )
+
+    # --- sessions ----------------------------------------------------------
+    data_dir: Path = Field(Path("agent-data"), description="Directory where session histories are persisted.")
+    max_sessions: int = Field(
+        1000, ge=1, description="Session agents kept in memory (least recently used evicted first)."
+    )
+    session_idle_s: float = Field(
+        900.0, gt=0, description="Idle time after which a session's agent leaves memory (history stays on disk)."
+    )
+
+    # --- logs --------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON otherwise."
+    )
+
+    def resolved_model_id(self) -> str:
+        """The model id actually used, after provider defaults."""
+        if self.model_id:
+            return self.model_id
+        return {
+            "demo": "demo",
+            "local": "smollm2-135m-instruct",
+            "openai": "gpt-4o-mini",
+            "bedrock": DEFAULT_BEDROCK_MODEL_ID,
+            "anthropic": "claude-3-7-sonnet-latest",
+            "ollama": "llama3.2",
+        }[self.model_provider]

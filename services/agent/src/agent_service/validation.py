@@ -1,0 +1,70 @@
+"""Request validation: bad input becomes one readable INVALID_ARGUMENT message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent_service.proto import agent_pb2
+from agent_service.sessions import InvalidSessionIdError, validate_session_id
+from agent_service.settings import Settings
+
+SESSION_METADATA_KEY = "session_id"
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as sent; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    content: str
+    session_id: str  # "" for a fresh, unpersisted conversation
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_content_chars: int
+    max_metadata_entries: int
+    max_metadata_key_chars: int
+    max_metadata_value_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RequestLimits:
+        return cls(
+            max_content_chars=settings.max_content_chars,
+            max_metadata_entries=settings.max_metadata_entries,
+            max_metadata_key_chars=settings.max_metadata_key_chars,
+            max_metadata_value_chars=settings.max_metadata_value_chars,
+        )
+
+
+def validate_request(request: agent_pb2.ChatRequest, limits: RequestLimits) -> ValidRequest:
+    """Check a ChatRequest against the limits; the session id may come from `metadata["session_id"]`."""
+    content = request.content
+    if not content.strip():
+        raise InvalidRequestError("content must not be empty")
+    if len(content) > limits.max_content_chars:
+        raise InvalidRequestError(f"content has {len(content)} characters; the limit is {limits.max_content_chars}")
+    metadata = request.metadata
+    if len(metadata) > limits.max_metadata_entries:
+        raise InvalidRequestError(f"metadata has {len(metadata)} entries; the limit is {limits.max_metadata_entries}")
+    for key, value in metadata.items():
+        if not key or len(key) > limits.max_metadata_key_chars:
+            raise InvalidRequestError(
+                f"metadata keys must have 1-{limits.max_metadata_key_chars} characters; got {len(key)}"
+            )
+        if len(value) > limits.max_metadata_value_chars:
+            raise InvalidRequestError(
+                f"metadata value of {key!r} has {len(value)} characters; the limit is {limits.max_metadata_value_chars}"
+            )
+    session_id = request.session_id
+    from_metadata = metadata.get(SESSION_METADATA_KEY, "")
+    if session_id and from_metadata and session_id != from_metadata:
+        raise InvalidRequestError("session_id and metadata['session_id'] disagree; send one of them")
+    session_id = session_id or from_metadata
+    if session_id:
+        try:
+            validate_session_id(session_id)
+        except InvalidSessionIdError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+    return ValidRequest(content=content, session_id=session_id)

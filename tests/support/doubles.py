@@ -1,0 +1,67 @@
+"""Model doubles for failure cases the demo model does not produce: a hung provider, a failing one.
+
+They subclass the demo model, so everything else (tools, sessions, spans) runs for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+from typing import Any
+
+from strands.types.content import Messages
+from strands.types.streaming import StreamEvent
+from strands.types.tools import ToolSpec
+
+from agent_service.models.demo import DemoModel
+
+
+class HangingModel(DemoModel):
+    """Sends a few words, then never answers again (a provider that stopped responding).
+
+    Only the first `hang_calls` calls hang; later calls answer normally.
+    """
+
+    def __init__(self, hang_calls: int = 1, **config: Any) -> None:
+        super().__init__(**config)
+        self.hang_calls = hang_calls
+        self.calls = 0
+
+    async def stream(
+        self,
+        messages: Messages,
+        tool_specs: list[ToolSpec] | None = None,
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterable[StreamEvent]:
+        self.calls += 1
+        if self.calls > self.hang_calls:
+            async for event in super().stream(messages, tool_specs, system_prompt, **kwargs):
+                yield event
+            return
+        yield {"messageStart": {"role": "assistant"}}
+        yield {"contentBlockStart": {"start": {}}}
+        yield {"contentBlockDelta": {"delta": {"text": "thinking "}}}
+        await asyncio.Event().wait()  # hangs until cancelled
+
+
+class FailingModel(DemoModel):
+    """Streams `words_before_failure` words, then raises `error` (a provider failing mid-stream)."""
+
+    def __init__(self, error: BaseException, words_before_failure: int = 3, **config: Any) -> None:
+        super().__init__(**config)
+        self.error = error
+        self.words_before_failure = words_before_failure
+
+    async def stream(
+        self,
+        messages: Messages,
+        tool_specs: list[ToolSpec] | None = None,
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterable[StreamEvent]:
+        yield {"messageStart": {"role": "assistant"}}
+        yield {"contentBlockStart": {"start": {}}}
+        for index in range(self.words_before_failure):
+            yield {"contentBlockDelta": {"delta": {"text": f"word{index} "}}}
+        raise self.error

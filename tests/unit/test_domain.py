@@ -1,0 +1,96 @@
+"""Demo model planning, session ids, request validation, failure classification, settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent_service.models.demo import _plan_tool_call, _reply_words
+from agent_service.proto import agent_pb2
+from agent_service.runner import ErrorKind, classify_failure
+from agent_service.sessions import InvalidSessionIdError, validate_session_id
+from agent_service.settings import DEFAULT_BEDROCK_MODEL_ID, Settings
+from agent_service.validation import InvalidRequestError, RequestLimits, validate_request
+
+TOOLS = {"calculator", "get_time", "weather"}
+
+
+def _user(text: str):
+    return [{"role": "user", "content": [{"text": text}]}]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "plan"),
+    [
+        ("what time is it", ("get_time", {})),
+        ("Weather in Paris?", ("weather", {})),
+        ("compute (1 + 2) * 3 please", ("calculator", {"expression": "(1 + 2) * 3"})),
+        ("hello", None),
+        ("I have 3 cats", None),
+    ],
+)
+def test_demo_model_plans_tools_from_the_prompt(prompt: str, plan) -> None:
+    assert _plan_tool_call(_user(prompt), TOOLS) == plan
+
+
+def test_demo_model_needs_the_tool_and_a_fresh_prompt() -> None:
+    assert _plan_tool_call(_user("what time is it"), set()) is None
+    tool_result = [{"role": "user", "content": [{"toolResult": {"toolUseId": "x", "status": "success",
+                                                                "content": [{"text": "12:00"}]}}]}]  # fmt: skip
+    assert _plan_tool_call(tool_result, TOOLS) is None
+    assert _reply_words(tool_result, 0) == ["Here", "is", "what", "the", "tool", "returned:", "12:00"]
+
+
+def test_demo_reply_length_is_configurable() -> None:
+    assert len(_reply_words(_user("hi"), 100)) == 100
+    assert _reply_words(_user("one two three"), 3) == ["This", "is", "the"]
+
+
+@pytest.mark.parametrize("session_id", ["a", "A-b_c.9", "x" * 128, "_lead"])
+def test_valid_session_ids(session_id: str) -> None:
+    assert validate_session_id(session_id) == session_id
+
+
+@pytest.mark.parametrize("session_id", ["", ".", "..", "../a", "a/b", "a\\b", "x" * 129, "ü", "a b", "a\x00"])
+def test_invalid_session_ids(session_id: str) -> None:
+    with pytest.raises(InvalidSessionIdError):
+        validate_session_id(session_id)
+
+
+def test_request_validation_prefers_the_field_and_accepts_metadata() -> None:
+    limits = RequestLimits(100, 2, 10, 10)
+    assert validate_request(agent_pb2.ChatRequest(content="hi", session_id="s"), limits).session_id == "s"
+    request = agent_pb2.ChatRequest(content="hi", metadata={"session_id": "m"})
+    assert validate_request(request, limits).session_id == "m"
+    with pytest.raises(InvalidRequestError, match="metadata has 3 entries"):
+        validate_request(agent_pb2.ChatRequest(content="hi", metadata={"a": "", "b": "", "c": ""}), limits)
+
+
+def test_failure_classification_follows_the_cause_chain() -> None:
+    try:
+        try:
+            raise ConnectionRefusedError("refused")
+        except ConnectionRefusedError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        error = classify_failure(outer)
+    assert error.kind is ErrorKind.UNAVAILABLE
+    assert "ConnectionRefusedError: refused" in error.message
+    assert classify_failure(ValueError("x" * 500)).kind is ErrorKind.INTERNAL
+    assert len(classify_failure(ValueError("x" * 500)).message) < 260
+
+
+def test_settings_come_from_agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_MODEL_PROVIDER", "bedrock")
+    monkeypatch.setenv("AGENT_GRPC_PORT", "6000")
+    monkeypatch.setenv("AGENT_REFLECTION", "false")
+    monkeypatch.setenv("AGENT_DEMO_TOKEN_DELAY_MS", "0")
+    settings = Settings()
+    assert (settings.model_provider, settings.grpc_port, settings.reflection) == ("bedrock", 6000, False)
+    assert settings.demo_token_delay_ms == 0
+    assert settings.resolved_model_id() == DEFAULT_BEDROCK_MODEL_ID
+
+
+def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_MODEL_PROVIDER", "nope")
+    with pytest.raises(ValueError, match="model_provider"):
+        Settings()
