@@ -58,6 +58,15 @@ async def test_bad_input_is_invalid_argument(served: Running, request_kwargs, me
     assert served.server.admission.in_flight == 0
 
 
+async def test_session_header_conflicting_with_the_field_is_invalid(served: Running) -> None:
+    call = served.stub.StreamChat(
+        agent_pb2.ChatRequest(content="hi", session_id="a"), metadata=(("x-session-id", "b"),)
+    )
+    error = await _status_of(call)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "session_id and the x-session-id header disagree" in (error.details() or "")
+
+
 async def test_bidi_bad_message_gets_error_event_and_stream_goes_on(served: Running) -> None:
     async def requests():
         yield agent_pb2.ChatRequest(content="")

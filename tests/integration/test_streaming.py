@@ -98,6 +98,12 @@ async def test_metadata_session_id_is_honoured(served: Running) -> None:
     assert {r.session_id for r in responses} == {"from-metadata"}
 
 
+async def test_session_header_is_honoured(served: Running) -> None:
+    call = served.stub.StreamChat(agent_pb2.ChatRequest(content="hi"), metadata=(("x-session-id", "from-header"),))
+    responses = await collect(call)
+    assert {r.session_id for r in responses} == {"from-header"}
+
+
 async def test_calls_without_session_do_not_share_history(served: Running) -> None:
     first = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="hello")))
     second = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="hello")))

@@ -28,7 +28,13 @@ from agent_service.proto import agent_pb2, agent_pb2_grpc
 from agent_service.responses import ResponseBuilder
 from agent_service.runner import AgentRunner, RunError
 from agent_service.sessions import Session, SessionBusyError, SessionRegistry
-from agent_service.validation import InvalidRequestError, RequestLimits, ValidRequest, validate_request
+from agent_service.validation import (
+    InvalidRequestError,
+    RequestLimits,
+    ValidRequest,
+    header_session_id,
+    validate_request,
+)
 
 # grpc.aio reports "no deadline" as a time remaining far in the future.
 _NO_DEADLINE_S = 1e8
@@ -61,7 +67,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
         """Answer one request as a stream of events."""
         async with self._call("StreamChat", context) as call:
             try:
-                valid = validate_request(request, self._limits)
+                valid = validate_request(request, self._limits, header_session_id(context.invocation_metadata()))
             except InvalidRequestError as exc:
                 await _fail(call, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             call.bind_session(valid.session_id)
@@ -81,13 +87,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
             inbox: asyncio.Queue[agent_pb2.ChatRequest | None] = asyncio.Queue(maxsize=self._bidi_read_ahead)
             reader = asyncio.create_task(_read_requests(request_iterator, inbox))
             conversation = self._registry.ephemeral()  # the stream's own history when no session id is sent
+            header_session = header_session_id(context.invocation_metadata())
             builder = ResponseBuilder()
             turn = 0
             try:
                 while (request := await inbox.get()) is not None:
                     turn += 1
                     try:
-                        valid = validate_request(request, self._limits)
+                        valid = validate_request(request, self._limits, header_session)
                     except InvalidRequestError as exc:
                         yield _sent(call, builder.error("INVALID_ARGUMENT", str(exc), turn=turn, session_id=""))
                         continue

@@ -9,6 +9,8 @@ from agent_service.sessions import InvalidSessionIdError, validate_session_id
 from agent_service.settings import Settings
 
 SESSION_METADATA_KEY = "session_id"
+# gRPC metadata header carrying the session id; Envoy hashes on it to keep a session on one replica.
+SESSION_HEADER = "x-session-id"
 
 
 class InvalidRequestError(ValueError):
@@ -38,8 +40,15 @@ class RequestLimits:
         )
 
 
-def validate_request(request: agent_pb2.ChatRequest, limits: RequestLimits) -> ValidRequest:
-    """Check a ChatRequest against the limits; the session id may come from `metadata["session_id"]`."""
+def validate_request(
+    request: agent_pb2.ChatRequest, limits: RequestLimits, header_session_id: str = ""
+) -> ValidRequest:
+    """Check a ChatRequest against the limits.
+
+    The session id may come from the `session_id` field, `metadata["session_id"]` (seed
+    clients) or the call's `x-session-id` header (for load-balancer affinity); sources
+    that are present must agree.
+    """
     content = request.content
     if not content.strip():
         raise InvalidRequestError("content must not be empty")
@@ -57,14 +66,26 @@ def validate_request(request: agent_pb2.ChatRequest, limits: RequestLimits) -> V
             raise InvalidRequestError(
                 f"metadata value of {key!r} has {len(value)} characters; the limit is {limits.max_metadata_value_chars}"
             )
-    session_id = request.session_id
-    from_metadata = metadata.get(SESSION_METADATA_KEY, "")
-    if session_id and from_metadata and session_id != from_metadata:
-        raise InvalidRequestError("session_id and metadata['session_id'] disagree; send one of them")
-    session_id = session_id or from_metadata
+    sources = {
+        "session_id": request.session_id,
+        f"metadata[{SESSION_METADATA_KEY!r}]": metadata.get(SESSION_METADATA_KEY, ""),
+        f"the {SESSION_HEADER} header": header_session_id,
+    }
+    given = {name: value for name, value in sources.items() if value}
+    if len(set(given.values())) > 1:
+        raise InvalidRequestError(f"{' and '.join(given)} disagree; send one session id")
+    session_id = next(iter(given.values()), "")
     if session_id:
         try:
             validate_session_id(session_id)
         except InvalidSessionIdError as exc:
             raise InvalidRequestError(str(exc)) from exc
     return ValidRequest(content=content, session_id=session_id)
+
+
+def header_session_id(invocation_metadata: object) -> str:
+    """The `x-session-id` header of a call, or ""."""
+    for key, value in invocation_metadata or ():  # type: ignore[attr-defined]
+        if key == SESSION_HEADER:
+            return str(value)
+    return ""

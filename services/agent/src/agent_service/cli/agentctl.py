@@ -492,6 +492,11 @@ class _Turns:
             self.idle.set()
 
 
+def _session_header(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """`x-session-id` call metadata, so a load balancer (Envoy) can keep the session on one replica."""
+    return (("x-session-id", args.session),) if args.session else ()
+
+
 def _agent_stub(channel: Any) -> Any:
     """The AgentService stub; the generated grpc module has no type annotations."""
     return agent_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
@@ -501,7 +506,7 @@ async def _chat_once(channel: Any, args: argparse.Namespace, out: Renderer) -> i
     """One StreamChat call: the answer to ``args.prompt``."""
     stub = _agent_stub(channel)
     request = build_request(args.prompt, args.session, args.metadata)
-    call = stub.StreamChat(request, timeout=effective_timeout(args))
+    call = stub.StreamChat(request, timeout=effective_timeout(args), metadata=_session_header(args))
     try:
         async for resp in call:
             out.show(resp)
@@ -518,7 +523,7 @@ async def _chat_session(channel: Any, args: argparse.Namespace, out: Renderer) -
     lines = _StdinLines(asyncio.get_running_loop())
     turns = _Turns()
     stub = _agent_stub(channel)
-    call = stub.BidirectionalChat(timeout=effective_timeout(args))
+    call = stub.BidirectionalChat(timeout=effective_timeout(args), metadata=_session_header(args))
 
     async def send_lines() -> None:
         try:
