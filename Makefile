@@ -37,9 +37,13 @@ run: install model ## Start the local model and the agent service on localhost (
 	$(PY) deploy/local/run_stack.py
 
 .PHONY: test
-test: install model ## Install what is needed and run every test, lint and type check
+test: install model system-tools ## Install what is needed and run every test, lint and type check
 	$(MAKE) --no-print-directory lint typecheck
 	$(PY) -m pytest
+
+.PHONY: bench
+bench: install ## Benchmark the stack beside a raw grpc.aio baseline (options: BENCH_ARGS="--quick --scenario 3 ...")
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 .PHONY: install
 install: $(INSTALLED) ## The .venv with the service, the client and the test tools, from the lock file
@@ -68,9 +72,42 @@ $(MODEL_INSTALLED): | $(INSTALLED)
 	$(PY) services/model/serve_model.py --check
 	@touch $@
 
+# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+.PHONY: system-tools
+system-tools: ## Install Debian's prometheus (promtool, the real Prometheus for tests) when missing
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "Installing Debian's prometheus package (promtool and prometheus for the tests)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# docker compose (needs a Docker engine; `make test` only validates the files). Ports and image
+# tags are in .env; a git-ignored .env.override is read after it for personal settings.
+COMPOSE := docker compose --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
+FRONT_DOOR ?= localhost:8080
+
+.PHONY: up
+up: ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
+	$(COMPOSE) up --detach --build --wait
+	@echo "Front door: grpcurl -plaintext $(FRONT_DOOR) list  (or: make grpcurl)"
+	@echo "Grafana: http://localhost:3000   Jaeger: http://localhost:16686   Stop: make down"
+
+.PHONY: down
+down: ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
+	$(COMPOSE) down $(ARGS)
+
+.PHONY: grpcurl
+grpcurl: install ## grpcurl cookbook through the front door (FRONT_DOOR=localhost:8080): list, describe, health, a stream
+	$(VENV)/bin/grpcurl -plaintext $(FRONT_DOOR) list
+	$(VENV)/bin/grpcurl -plaintext $(FRONT_DOOR) describe agent.AgentService
+	$(VENV)/bin/grpcurl -plaintext -d '{"service": "agent.AgentService"}' $(FRONT_DOOR) grpc.health.v1.Health/Check
+	$(VENV)/bin/grpcurl -plaintext -d '{"content": "what is 6*7?"}' $(FRONT_DOOR) agent.AgentService/StreamChat
+	$(VENV)/bin/grpcurl -plaintext -H 'x-session-id: cookbook' -d '{"content": "hello, remember me"}' \
+	  $(FRONT_DOOR) agent.AgentService/StreamChat
+
 .PHONY: protos
-protos: $(INSTALLED) ## Regenerate the Python code from protos/ (checked in; a test catches drift)
-	$(PY) protos/generate.py services/agent/src
+protos: $(INSTALLED) ## Regenerate the Python code and Envoy's descriptor set from protos/ (checked in; tests catch drift)
+	$(PY) protos/generate.py services/agent/src deploy/envoy/agent.pb
 
 .PHONY: lint
 lint: $(INSTALLED) ## ruff

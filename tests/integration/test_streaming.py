@@ -134,3 +134,21 @@ async def test_answer_cut_at_max_tokens_ends_normally(tmp_path) -> None:
         assert len(text_of(responses).split()) == 5
         again = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="go on", session_id="short")))
         assert again[-1].done.stop_reason == "max_tokens"
+
+
+async def test_waiting_text_is_coalesced_and_nothing_is_lost(tmp_path) -> None:
+    """A model faster than the stream: deltas already queued leave together; the text is intact."""
+    from tests.support.servers import make_settings, running_server
+
+    prompt = "many words " * 200
+    for coalesce in (True, False):
+        settings = make_settings(tmp_path / str(coalesce), coalesce_text=coalesce)
+        async with running_server(settings) as served:
+            responses = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content=prompt)))
+        assert text_of(responses) == "This is the demo model answering: " + prompt.strip()
+        content_events = kinds(responses).count("content")
+        words = len(text_of(responses).split())
+        if coalesce:
+            assert content_events < words
+        else:
+            assert content_events == words

@@ -28,6 +28,8 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "cancel_grace_s": 0.5,
         "shutdown_grace_s": 2,
         "log_format": "json",
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -45,8 +47,10 @@ class Running:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings, model: Model | None = None) -> AsyncIterator[Running]:
-    server = AgentServer(settings, model=model)
+async def running_server(
+    settings: Settings, model: Model | None = None, traced: bool = False
+) -> AsyncIterator[Running]:
+    server = AgentServer(settings, model=model, traced=traced)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -208,6 +208,12 @@ def test_pool_from_reflected_files_with_a_dependency() -> None:
     files = {extra.name: extra}
     assert agentctl.missing_dependencies(files) == [agent.name]
     files[agent.name] = agent
+    # agent.proto imports google/api/annotations.proto (and what that imports), as reflection would send.
+    pending = list(agent_pb2.DESCRIPTOR.dependencies)
+    while pending:
+        dependency = pending.pop()
+        files[dependency.name] = _file_proto(dependency)
+        pending.extend(dependency.dependencies)
     assert agentctl.missing_dependencies(files) == []
     pool = agentctl.build_pool(files)  # extra.proto first: its import must still be added before it
     assert (

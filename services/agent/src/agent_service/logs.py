@@ -6,6 +6,8 @@ import logging
 import sys
 
 import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, WrappedLogger
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -18,6 +20,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
@@ -29,3 +32,12 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(stream=sys.stderr, level=max(numeric_level, logging.WARNING), force=True)
+
+
+def add_trace_ids(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """Put the current span's trace and span ids on the line, so logs and traces join up."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event["trace_id"] = format(context.trace_id, "032x")
+        event["span_id"] = format(context.span_id, "016x")
+    return event

@@ -24,11 +24,13 @@ from strands import Agent
 from strands.types.content import Message
 from strands.types.exceptions import MaxTokensReachedException
 
-from agent_service.events import AgentEvent, Finished, ToolNames, map_strands_event, usage_from_counts
+from agent_service.events import AgentEvent, Finished, TextDelta, ToolNames, map_strands_event, usage_from_counts
 from agent_service.sessions import Session, SessionRegistry
 
 INTERRUPTED_TEXT = "[interrupted: the request was cancelled before the answer was complete]"
 ABANDONED_TOOL_TEXT = "tool abandoned: the request was cancelled"
+# Most text deltas merged into one event; bounds a message when a slow client falls far behind.
+MAX_COALESCED_DELTAS = 256
 
 
 class ErrorKind(enum.Enum):
@@ -63,9 +65,10 @@ _EXPIRED = _Expired()
 class AgentRunner:
     """Runs a prompt on a session's agent and yields its events as they happen."""
 
-    def __init__(self, registry: SessionRegistry, cancel_grace_s: float) -> None:
+    def __init__(self, registry: SessionRegistry, cancel_grace_s: float, coalesce_text: bool = True) -> None:
         self._registry = registry
         self._cancel_grace_s = cancel_grace_s
+        self._coalesce_text = coalesce_text
         self._settling: set[asyncio.Task[None]] = set()
 
     @property
@@ -86,15 +89,21 @@ class AgentRunner:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         producer = loop.create_task(_produce(session.agent, prompt, cancel, queue))
         timer = loop.call_at(deadline, _expire, queue, cancel)
+        held: Any = None  # an item taken while coalescing, handed out next
         try:
             while True:
-                item = await queue.get()
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await queue.get()
                 if item is _END:
                     return
                 if item is _EXPIRED:
                     raise RunError(ErrorKind.DEADLINE_EXCEEDED, "the answer did not complete within the deadline")
                 if isinstance(item, Exception):
                     raise classify_failure(item) from item
+                if self._coalesce_text and type(item) is TextDelta and not queue.empty():
+                    item, held = _coalesce(item, queue)
                 yield item
         finally:
             timer.cancel()
@@ -139,6 +148,23 @@ async def _produce(agent: Agent, prompt: str, cancel: threading.Event, queue: as
     except Exception as exc:  # noqa: BLE001 - handed to the caller, which classifies it
         queue.put_nowait(exc)
     queue.put_nowait(_END)
+
+
+def _coalesce(first: TextDelta, queue: asyncio.Queue[Any]) -> tuple[TextDelta, Any]:
+    """Merge the text deltas already waiting behind `first` into one; return it and the next non-text item.
+
+    Nothing waits for more text: only what the model produced while the previous event
+    was being sent goes out together. An idle stream keeps one event per delta; a
+    stream whose client or network is slower than the model sends fewer, larger
+    messages instead of falling behind (per-message cost dominates the CPU per token).
+    """
+    parts = [first.text]
+    while not queue.empty() and len(parts) < MAX_COALESCED_DELTAS:
+        item = queue.get_nowait()
+        if type(item) is not TextDelta:
+            return TextDelta("".join(parts)), item
+        parts.append(item.text)
+    return TextDelta("".join(parts)), None
 
 
 def _expire(queue: asyncio.Queue[Any], cancel: threading.Event) -> None:

@@ -23,11 +23,12 @@ from structlog.typing import FilteringBoundLogger
 
 from agent_service.admission import Admission, AdmissionRejectedError
 from agent_service.calls import Call
-from agent_service.events import Finished
+from agent_service.events import AgentEvent, Finished
 from agent_service.proto import agent_pb2, agent_pb2_grpc
 from agent_service.responses import ResponseBuilder
 from agent_service.runner import AgentRunner, RunError
 from agent_service.sessions import Session, SessionBusyError, SessionRegistry
+from agent_service.telemetry.metrics import REJECT_ADMISSION, REJECT_BUSY, REJECT_INVALID, Metrics
 from agent_service.validation import (
     InvalidRequestError,
     RequestLimits,
@@ -50,16 +51,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
         admission: Admission,
         limits: RequestLimits,
         max_stream_duration_s: float,
+        deadline_margin_s: float,
         bidi_read_ahead: int,
         log: FilteringBoundLogger,
+        metrics: Metrics | None = None,
+        model: str = "",
     ) -> None:
         self._runner = runner
         self._registry = registry
         self._admission = admission
         self._limits = limits
         self._max_stream_duration_s = max_stream_duration_s
+        self._deadline_margin_s = deadline_margin_s
         self._bidi_read_ahead = bidi_read_ahead
         self._log = log
+        self._metrics = metrics
+        self._model = model
 
     async def StreamChat(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -69,6 +76,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
             try:
                 valid = validate_request(request, self._limits, header_session_id(context.invocation_metadata()))
             except InvalidRequestError as exc:
+                call.rejected(REJECT_INVALID)
                 await _fail(call, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             call.bind_session(valid.session_id)
             target: Session | str = valid.session_id or self._registry.ephemeral()
@@ -77,6 +85,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
                 async for response in self._answer(call, context, builder, target, valid, turn=1):
                     yield response
             except SessionBusyError as exc:
+                call.rejected(REJECT_BUSY)
                 await _fail(call, context, grpc.StatusCode.ABORTED, str(exc))
 
     async def BidirectionalChat(  # noqa: N802 - gRPC method name
@@ -93,9 +102,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
             try:
                 while (request := await inbox.get()) is not None:
                     turn += 1
+                    call.turn_started()
                     try:
                         valid = validate_request(request, self._limits, header_session)
                     except InvalidRequestError as exc:
+                        call.rejected(REJECT_INVALID)
                         yield _sent(call, builder.error("INVALID_ARGUMENT", str(exc), turn=turn, session_id=""))
                         continue
                     call.bind_session(valid.session_id)
@@ -104,6 +115,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
                         async for response in self._answer(call, context, builder, target, valid, turn=turn):
                             yield response
                     except SessionBusyError as exc:
+                        call.rejected(REJECT_BUSY)
                         yield _sent(call, builder.error("ABORTED", str(exc), turn=turn, session_id=valid.session_id))
             finally:
                 reader.cancel()
@@ -134,25 +146,35 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
                     )
                 else:
                     response = builder.event(event, turn=turn, session_id=session_id)
-                yield _sent(call, response)
+                yield _sent(call, response, event)
         except RunError as exc:
             yield _sent(call, builder.error(exc.kind.value, exc.message, turn=turn, session_id=session_id))
             await _fail(call, context, grpc.StatusCode[exc.kind.value], exc.message)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
-        """The client's deadline, or the server's maximum stream duration when it set none (loop time)."""
+        """When the answer must end (loop time).
+
+        The client's deadline less a small margin, so the service's own DEADLINE_EXCEEDED
+        (an error event, then the status in the trailers) reaches the client before any
+        proxy enforcing the same deadline resets the stream; without a client deadline,
+        the server's maximum stream duration.
+        """
         remaining = context.time_remaining()
         if remaining is None or remaining > _NO_DEADLINE_S:
             remaining = self._max_stream_duration_s
+        else:
+            remaining = float(remaining) - self._deadline_margin_s
         return asyncio.get_running_loop().time() + max(0.0, float(remaining))
 
     @asynccontextmanager
     async def _call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
         """Admission, the call's log lines and final status, and the last line of defence for errors."""
-        call = Call(self._log, method, context.peer())
+        metrics = self._metrics.for_method(method) if self._metrics is not None else None
+        call = Call(self._log, method, context.peer(), metrics, self._model)
         try:
             self._admission.enter()
         except AdmissionRejectedError as exc:
+            call.rejected(REJECT_ADMISSION)
             await _fail(call, context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), finish=True)
         try:
             yield call
@@ -171,8 +193,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc] 
             call.finish()
 
 
-def _sent(call: Call, response: agent_pb2.ChatResponse) -> agent_pb2.ChatResponse:
-    call.sent()
+def _sent(call: Call, response: agent_pb2.ChatResponse, event: AgentEvent | None = None) -> agent_pb2.ChatResponse:
+    call.sent(event)
     return response
 
 

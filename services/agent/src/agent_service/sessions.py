@@ -62,6 +62,7 @@ class AgentFactory:
             system_prompt=self._settings.system_prompt,
             callback_handler=None,
             session_manager=session_manager,
+            trace_attributes={"gen_ai.conversation.id": session_id} if session_id else None,
         )
 
 

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
+    agentcore_host: str = Field(
+        "0.0.0.0", description="Interface the AgentCore Runtime face (`agent-agentcore`) binds."
+    )
+    agentcore_port: int = Field(
+        8080, ge=0, le=65535, description="HTTP port of the AgentCore Runtime face (AgentCore Runtime expects 8080)."
+    )
 
     # --- limits ------------------------------------------------------------
     max_concurrent_streams: int = Field(
@@ -72,9 +78,18 @@ class Settings(BaseSettings):
     max_metadata_value_chars: int = Field(1024, ge=1, description="Longest accepted metadata value.")
     bidi_read_ahead: int = Field(8, ge=1, description="Requests of a bidi stream read ahead of the answer in progress.")
 
+    coalesce_text: bool = Field(
+        True, description="Send text deltas that are already waiting as one event (no added delay; fewer messages)."
+    )
+
     # --- time --------------------------------------------------------------
     max_stream_duration_s: float = Field(
         300.0, gt=0, description="Longest an answer may run when the client sets no deadline."
+    )
+    deadline_margin_ms: float = Field(
+        50.0,
+        ge=0,
+        description="End an answer this long before the client's deadline, so its DEADLINE_EXCEEDED beats a proxy's.",
     )
     cancel_grace_s: float = Field(
         2.0, ge=0, description="Time a cancelled agent gets to stop cleanly before it is abandoned."
@@ -90,6 +105,17 @@ class Settings(BaseSettings):
     )
     session_idle_s: float = Field(
         900.0, gt=0, description="Idle time after which a session's agent leaves memory (history stays on disk)."
+    )
+
+    # --- telemetry ---------------------------------------------------------
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics.")
+    metrics_host: str = Field("0.0.0.0", description="Interface of the metrics HTTP server.")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Port of the metrics HTTP server (`/metrics`; 0 picks a free one)."
+    )
+    trace_content: bool = Field(
+        False,
+        description="Record prompts and answers on spans (off: redacted). Tracing follows the `OTEL_*` variables.",
     )
 
     # --- logs --------------------------------------------------------------

@@ -53,6 +53,8 @@ class AgentServiceServicer:
 
     def StreamChat(self, request, context):
         """One request, one streamed answer. Ends with a `done` event on success.
+        Over HTTP (through Envoy): POST /v1/chat:stream with the ChatRequest as
+        JSON; the answer streams as Server-Sent Events, one ChatResponse each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Render deploy/envoy/envoy.yaml (the one Envoy template) from the environment.
+
+    python deploy/envoy/render.py [-o OUT] [NAME=VALUE ...]
+
+Precedence: NAME=VALUE arguments, then environment variables, then the defaults
+declared in the template's `# @var NAME=default | meaning` lines. Rules (the
+container entrypoint docker-entrypoint.sh implements the same ones in awk):
+- a placeholder is a dollar sign and a declared NAME in braces; an undeclared one is an error;
+- lines whose first non-blank character is `#` are copied unchanged;
+- lines between `# @if NAME` and `# @endif` are kept only when NAME is on, true, yes or 1.
+
+Only the standard library: `make run` and the tests use it, and so can any host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = HERE / "envoy.yaml"
+DESCRIPTOR_SET = HERE / "agent.pb"
+
+_VAR = re.compile(r"^# @var ([A-Za-z_][A-Za-z0-9_]*)=(\S*) \| (.+)$")
+_IF = re.compile(r"^# @if ([A-Za-z_][A-Za-z0-9_]*)\s*$")
+_ENDIF = re.compile(r"^# @endif\s*$")
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TRUE = frozenset({"on", "true", "yes", "1"})
+
+
+class RenderError(ValueError):
+    """The template or a value is unusable."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    meaning: str
+
+
+def variables(template_text: str | None = None) -> dict[str, Variable]:
+    """The variables the template declares, in order."""
+    text = TEMPLATE.read_text() if template_text is None else template_text
+    found: dict[str, Variable] = {}
+    for line in text.splitlines():
+        if match := _VAR.match(line):
+            name, default, meaning = match.groups()
+            found[name] = Variable(name, default, meaning.strip())
+    return found
+
+
+def is_on(value: str) -> bool:
+    return value.strip().lower() in _TRUE
+
+
+def render(
+    overrides: Mapping[str, str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    template_text: str | None = None,
+) -> str:
+    """The rendered config. `environ` defaults to os.environ; pass {} for defaults only."""
+    text = TEMPLATE.read_text() if template_text is None else template_text
+    declared = variables(text)
+    env = os.environ if environ is None else environ
+    unknown = sorted(set(overrides or {}) - set(declared))
+    if unknown:
+        raise RenderError(f"not template variables: {', '.join(unknown)}")
+    values = {name: (overrides or {}).get(name, env.get(name, var.default)) for name, var in declared.items()}
+    for name, value in values.items():
+        if "\n" in value or "\r" in value:
+            raise RenderError(f"{name} must be a single line")
+
+    out: list[str] = []
+    skipping = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if match := _IF.match(line):
+            if match.group(1) not in declared:
+                raise RenderError(f"line {number}: @if on undeclared variable {match.group(1)}")
+            skipping = not is_on(values[match.group(1)])
+            out.append(line)
+            continue
+        if _ENDIF.match(line):
+            skipping = False
+            out.append(line)
+            continue
+        if skipping:
+            continue
+        if line.lstrip().startswith("#"):
+            out.append(line)
+            continue
+
+        def substitute(match: re.Match[str], number: int = number) -> str:
+            name = match.group(1)
+            if name not in declared:
+                raise RenderError(f"line {number}: undeclared variable {name}")
+            return values[name]
+
+        out.append(_PLACEHOLDER.sub(substitute, line))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--out", type=Path, help="write here instead of stdout")
+    parser.add_argument("--template", type=Path, default=TEMPLATE)
+    parser.add_argument("assignments", nargs="*", metavar="NAME=VALUE")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for assignment in args.assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep:
+            parser.error(f"expected NAME=VALUE, got {assignment!r}")
+        overrides[name] = value
+    try:
+        config = render(overrides, template_text=args.template.read_text())
+    except RenderError as exc:
+        print(f"render.py: {exc}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(config)
+    else:
+        args.out.write_text(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

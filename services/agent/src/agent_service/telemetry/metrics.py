@@ -1,0 +1,138 @@
+"""Prometheus metrics of the agent service, in a registry of their own (one per server).
+
+Names follow Prometheus conventions (base units, `_seconds`, `_total` added by the
+client library) and the names the field uses for model timings (time to first
+chunk, inter-chunk gap, tokens by type). Labels are bounded: method, status code,
+model, tool, reason, never a session id. Per-method children are bound once, so
+the per-chunk cost is one histogram observation.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.metrics import Histogram as HistogramType
+
+TTFC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TOOL_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+REJECT_ADMISSION = "admission"
+REJECT_INVALID = "invalid_argument"
+REJECT_BUSY = "session_busy"
+
+
+class Metrics:
+    """Every metric the service exports."""
+
+    def __init__(self, model: str, version: str, provider: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams_in_flight = Gauge("agent_streams_in_flight", "Streams being served.", ["method"], registry=r)
+        self.streams_started = Counter(
+            "agent_streams_started", "Streams received (admitted or not).", ["method"], registry=r
+        )
+        self.streams_finished = Counter(
+            "agent_streams_finished", "Streams ended, by gRPC status code.", ["method", "code"], registry=r
+        )
+        self.ttfc = Histogram(
+            "agent_stream_time_to_first_chunk_seconds",
+            "Time from a request's arrival to the first event of its answer.",
+            ["method", "model"],
+            buckets=TTFC_BUCKETS,
+            registry=r,
+        )
+        self.inter_chunk = Histogram(
+            "agent_stream_inter_chunk_seconds",
+            "Time between consecutive text chunks of an answer.",
+            ["method", "model"],
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "agent_stream_duration_seconds",
+            "Stream duration, by final status code.",
+            ["method", "code"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.events = Histogram(
+            "agent_stream_events", "Events sent per stream.", ["method"], buckets=COUNT_BUCKETS, registry=r
+        )
+        self.text_chunks = Histogram(
+            "agent_stream_text_chunks", "Text chunks sent per stream.", ["method"], buckets=COUNT_BUCKETS, registry=r
+        )
+        self.tokens = Counter(
+            "agent_model_tokens", "Tokens as the model reports them, by type.", ["type", "model"], registry=r
+        )
+        self.tool_calls = Counter("agent_tool_calls", "Tool calls by outcome.", ["tool", "outcome"], registry=r)
+        self.tool_duration = Histogram(
+            "agent_tool_duration_seconds",
+            "Time from a tool call to its result.",
+            ["tool"],
+            buckets=TOOL_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "agent_rejected_calls", "Calls or messages refused, by reason.", ["method", "reason"], registry=r
+        )
+        self.sessions_active = Gauge("agent_sessions_active", "Session agents held in memory.", registry=r)
+        self.streams_limit = Gauge(
+            "agent_streams_limit", "Admission limit: streams served at once before RESOURCE_EXHAUSTED.", registry=r
+        )
+        Info("agent_build", "Build and model of this service.", registry=r).info(
+            {"version": version, "provider": provider, "model": model}
+        )
+        self._per_method: dict[str, MethodMetrics] = {}
+
+    def for_method(self, method: str) -> MethodMetrics:
+        """The children of one RPC method, bound once (labels cost microseconds; binding is free after)."""
+        bound = self._per_method.get(method)
+        if bound is None:
+            bound = self._per_method[method] = MethodMetrics(
+                metrics=self,
+                method=method,
+                in_flight=self.streams_in_flight.labels(method),
+                ttfc=self.ttfc.labels(method, self.model),
+                inter_chunk=self.inter_chunk.labels(method, self.model),
+                events=self.events.labels(method),
+                text_chunks=self.text_chunks.labels(method),
+            )
+            self.streams_started.labels(method)  # exported at 0 before the first call
+        return bound
+
+    def serve(self, host: str, port: int) -> MetricsEndpoint:
+        """Serve /metrics (text or OpenMetrics with exemplars, as negotiated) on a thread of its own."""
+        server, thread = start_http_server(port, addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        return MetricsEndpoint(server, thread)
+
+
+@dataclass(frozen=True)
+class MethodMetrics:
+    metrics: Metrics
+    method: str
+    in_flight: Gauge
+    ttfc: HistogramType
+    inter_chunk: HistogramType
+    events: HistogramType
+    text_chunks: HistogramType
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

