@@ -23,6 +23,7 @@ from concurrent import futures
 
 import grpc
 
+from agent_service.models.demo import TokenPacer
 from agent_service.proto import agent_pb2, agent_pb2_grpc
 
 # The demo model's text reply: an acknowledgement of the prompt padded with filler words.
@@ -60,9 +61,9 @@ class RawServicer(agent_pb2_grpc.AgentServiceServicer):
         call_id = uuid.uuid4().hex[:16]
         words = reply_words(request.content, self.words)
         sequence = 0
+        pacer = TokenPacer(self.delay_s)  # the demo model's schedule, so both pace alike
         for text, count in _texts(words, self.coalesce):
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s * count)
+            await pacer.wait(count)
             sequence += 1
             yield agent_pb2.ChatResponse(
                 content=agent_pb2.ContentChunk(text=text), event_id=f"{call_id}-{sequence}", sequence=sequence, turn=1

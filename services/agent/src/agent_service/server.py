@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 
@@ -135,6 +136,11 @@ async def serve(settings: Settings, traced: bool) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     server = AgentServer(settings, traced=traced)
     await server.start()
+    # Everything imported and built so far lives as long as the process: move it out of the
+    # collector's reach, so full collections scan only what calls allocate (GC pauses were
+    # the p99 of time to first chunk).
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
