@@ -72,16 +72,11 @@ from agent_service.events import AgentEvent, Finished, TextDelta, ToolCall, Tool
 from agent_service.logs import configure_logging
 from agent_service.models import build_model
 from agent_service.runner import AgentRunner, RunError
-from agent_service.sessions import (
-    AgentFactory,
-    InvalidSessionIdError,
-    SessionBusyError,
-    SessionRegistry,
-    validate_session_id,
-)
+from agent_service.sessions import AgentFactory, SessionBusyError, SessionRegistry
 from agent_service.settings import Settings
 from agent_service.telemetry import tracing
 from agent_service.telemetry.metrics import REJECT_ADMISSION, REJECT_BUSY, REJECT_INVALID, Metrics
+from agent_service.validation import InvalidRequestError, resolve_session_id
 
 METHOD = "AgentCore/invocations"
 
@@ -108,15 +103,10 @@ def parse_invocation(payload: Any, header_session_id: str | None, max_prompt_cha
     body_session = payload.get("session_id", "")
     if not isinstance(body_session, str):
         raise InvalidInvocationError('"session_id" must be a string')
-    header_session = header_session_id or ""
-    if body_session and header_session and body_session != header_session:
-        raise InvalidInvocationError('"session_id" and the session header disagree; send one session id')
-    session_id = header_session or body_session
-    if session_id:
-        try:
-            validate_session_id(session_id)
-        except InvalidSessionIdError as exc:
-            raise InvalidInvocationError(str(exc)) from exc
+    try:
+        session_id = resolve_session_id({'"session_id"': body_session, "the session header": header_session_id or ""})
+    except InvalidRequestError as exc:
+        raise InvalidInvocationError(str(exc)) from exc
     return Invocation(prompt=prompt, session_id=session_id)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import importlib
 import threading
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -228,8 +230,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
+@functools.cache
 def _unavailable_types() -> tuple[type[BaseException], ...]:
-    """Exception types meaning "could not reach the provider", from whichever SDKs are installed."""
+    """Exception types meaning "could not reach the provider", from whichever SDKs are installed (looked up once)."""
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
     candidates = {
         "strands.types.exceptions": ["ModelThrottledException"],
@@ -243,8 +246,6 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
             "NoCredentialsError",
         ],
     }
-    import importlib
-
     for module_name, names in candidates.items():
         try:
             module = importlib.import_module(module_name)

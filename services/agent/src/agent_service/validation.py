@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent_service.proto import agent_pb2
@@ -66,11 +67,22 @@ def validate_request(
             raise InvalidRequestError(
                 f"metadata value of {key!r} has {len(value)} characters; the limit is {limits.max_metadata_value_chars}"
             )
-    sources = {
-        "session_id": request.session_id,
-        f"metadata[{SESSION_METADATA_KEY!r}]": metadata.get(SESSION_METADATA_KEY, ""),
-        f"the {SESSION_HEADER} header": header_session_id,
-    }
+    session_id = resolve_session_id(
+        {
+            "session_id": request.session_id,
+            f"metadata[{SESSION_METADATA_KEY!r}]": metadata.get(SESSION_METADATA_KEY, ""),
+            f"the {SESSION_HEADER} header": header_session_id,
+        }
+    )
+    return ValidRequest(content=content, session_id=session_id)
+
+
+def resolve_session_id(sources: Mapping[str, str]) -> str:
+    """The one session id the request names, or "" for none; `sources` maps where it was looked for to what was found.
+
+    Every door (gRPC, AgentCore HTTP) takes the id from several places; those that are
+    present must agree, and the id must be safe as a directory name.
+    """
     given = {name: value for name, value in sources.items() if value}
     if len(set(given.values())) > 1:
         raise InvalidRequestError(f"{' and '.join(given)} disagree; send one session id")
@@ -80,7 +92,7 @@ def validate_request(
             validate_session_id(session_id)
         except InvalidSessionIdError as exc:
             raise InvalidRequestError(str(exc)) from exc
-    return ValidRequest(content=content, session_id=session_id)
+    return session_id
 
 
 def header_session_id(invocation_metadata: object) -> str:
