@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent_service.core.runner import interrupted_text
 from agent_service.proto import agent_pb2
-from agent_service.runner import INTERRUPTED_TEXT
 from tests.support.doubles import FailingModel, HangingModel
 from tests.support.servers import Running, collect, kinds, make_settings, read_until_error, running_server, text_of
 
@@ -135,11 +135,11 @@ async def test_hung_model_cannot_hold_a_stream_past_the_server_maximum(tmp_path:
         async with asyncio.timeout(10):  # bounds the test only: the client sets no deadline
             error = await _status_of(served.stub.StreamChat(request))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert error.details() == "the answer did not complete within the deadline"
+        assert error.details() == "the answer did not complete within the server's maximum stream duration"
         await _until(lambda: served.server.runner.settling == 0)
         agent = served.server.registry._sessions["hung"].agent
         assert agent is not None
-        assert agent.messages[-1]["content"][0]["text"] == INTERRUPTED_TEXT
+        assert agent.messages[-1]["content"][0]["text"] == interrupted_text("thinking ", "the answer ran out of time")
         assert _roles_alternate(agent.messages)
         # The abandoned turn is closed; the next call on the session is answered (the model answers now).
         responses = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="again", session_id="hung")))

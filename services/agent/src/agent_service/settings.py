@@ -77,6 +77,18 @@ class Settings(BaseSettings):
     max_metadata_key_chars: int = Field(64, ge=1, description="Longest accepted metadata key.")
     max_metadata_value_chars: int = Field(1024, ge=1, description="Longest accepted metadata value.")
     bidi_read_ahead: int = Field(8, ge=1, description="Requests of a bidi stream read ahead of the answer in progress.")
+    bidi_idle_s: float = Field(
+        300.0, gt=0, description="A bidi stream with no request for this long (and no answer in progress) is ended."
+    )
+    max_json_depth: int = Field(
+        32, ge=2, description="Deepest JSON nesting accepted by the HTTP doors (checked before parsing)."
+    )
+    provider_max_attempts: int = Field(
+        3, ge=1, description="Model calls per step when the provider throttles (1: no retry); never past the deadline."
+    )
+    provider_retry_delay_s: int = Field(
+        1, ge=0, description="Back-off before the first retry of a throttled model call, in s; doubles each retry."
+    )
 
     coalesce_text: bool = Field(
         True, description="Send text deltas that are already waiting as one event (no added delay; fewer messages)."
@@ -84,7 +96,7 @@ class Settings(BaseSettings):
 
     # --- time --------------------------------------------------------------
     max_stream_duration_s: float = Field(
-        300.0, gt=0, description="Longest an answer may run when the client sets no deadline."
+        300.0, gt=0, description="Longest a call may run, whatever deadline the client sets (the server's cap)."
     )
     deadline_margin_ms: float = Field(
         50.0,

@@ -1,17 +1,19 @@
-"""Sessions: one strands Agent per conversation, used by one call at a time.
+"""Sessions: one strands Agent per conversation, used by one caller at a time.
 
 The seed shared a single Agent across every caller, so callers saw each other's
-history and concurrent calls crashed with ConcurrencyException. Here each
-session id owns its Agent; a second call on a busy session is refused at once
-(the caller gets a clear ABORTED); history is persisted by strands'
-FileSessionManager, so agents can leave memory (LRU, idle timeout) and come back
-from disk with nothing lost.
+history and concurrent calls crashed with ConcurrencyException. Here each session
+id owns its Agent; a second caller on a busy session is refused at once (ABORTED);
+history is persisted by strands' FileSessionManager, so agents can leave memory
+(LRU, idle timeout) and come back from disk with nothing lost.
+
+A run whose caller left (deadline, cancel, drain) may still be winding down; that
+is not another caller, so the next caller waits for it (bounded by the runner's
+grace) instead of being refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,29 +21,12 @@ from dataclasses import dataclass, field
 
 from strands import Agent
 from strands.models import Model
-from strands.session import FileSessionManager
+from strands.session import FileSessionManager, SessionManager
 
+from agent_service.core.errors import ChatError, ErrorKind
+from agent_service.core.provider_retry import DeadlineAwareRetry
 from agent_service.settings import Settings
 from agent_service.tools import default_tools
-
-SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-class InvalidSessionIdError(ValueError):
-    """The session id could name a path outside the data directory, or is too long."""
-
-
-class SessionBusyError(RuntimeError):
-    """Another call is answering on this session right now."""
-
-
-def validate_session_id(session_id: str) -> str:
-    """Return the id if it is safe as a directory name, else raise InvalidSessionIdError."""
-    if not SESSION_ID_PATTERN.fullmatch(session_id):
-        raise InvalidSessionIdError(
-            "session id must be 1-128 characters of letters, digits, '.', '_' or '-', not starting with '.'"
-        )
-    return session_id
 
 
 class AgentFactory:
@@ -51,28 +36,37 @@ class AgentFactory:
         self._settings = settings
         self._model = model
 
-    def create(self, session_id: str) -> Agent:
-        """A new agent; with a session id, its history is loaded from and saved to disk (blocking I/O)."""
+    def create(self, session_id: str) -> tuple[Agent, DeadlineAwareRetry, SessionManager | None]:
+        """A new agent, its retry policy and its history's manager (with a session id: loaded from disk, blocking)."""
         session_manager = None
         if session_id:
             session_manager = FileSessionManager(session_id=session_id, storage_dir=str(self._settings.data_dir))
-        return Agent(
+        retry = DeadlineAwareRetry(
+            max_attempts=self._settings.provider_max_attempts,
+            initial_delay=self._settings.provider_retry_delay_s,
+        )
+        agent = Agent(
             model=self._model,
             tools=default_tools(),
             system_prompt=self._settings.system_prompt,
             callback_handler=None,
             session_manager=session_manager,
+            retry_strategy=retry,
             trace_attributes={"gen_ai.conversation.id": session_id} if session_id else None,
         )
+        return agent, retry, session_manager
 
 
 @dataclass(eq=False)
 class Session:
-    """A conversation and the agent that holds it; `busy` while a call uses it."""
+    """A conversation and the agent that holds it; `busy` while a caller (or a winding-down run) uses it."""
 
     session_id: str
     agent: Agent | None = None
+    retry: DeadlineAwareRetry | None = None
+    manager: SessionManager | None = None  # persists the history; None for an ephemeral session
     busy: bool = False
+    settling: asyncio.Future[None] | None = None  # set while an abandoned run winds down
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -100,22 +94,27 @@ class SessionRegistry:
     async def acquire(self, session: Session | str) -> Session:
         """Mark the session busy and make sure it has an agent; pair with `release`.
 
-        Raises SessionBusyError when another call holds it. Strings are session ids
-        (already validated); a Session object is an ephemeral one held by its caller.
+        Raises ChatError(ABORTED) when another caller holds it. Strings are session
+        ids (already validated); a Session object is an ephemeral one held by its caller.
         """
         if isinstance(session, str):
             session = self._lookup(session)
+        if session.busy and session.settling is not None:
+            await asyncio.shield(session.settling)  # bounded by the runner's grace
         if session.busy:
-            raise SessionBusyError(
-                f"session {session.session_id!r} is busy answering another request; retry when it completes"
+            raise ChatError(
+                ErrorKind.ABORTED,
+                f"session {session.session_id!r} is busy answering another request; retry when it completes",
             )
         session.busy = True
         try:
             if session.agent is None:
                 if session.persisted:
-                    session.agent = await asyncio.to_thread(self._factory.create, session.session_id)
+                    session.agent, session.retry, session.manager = await asyncio.to_thread(
+                        self._factory.create, session.session_id
+                    )
                 else:
-                    session.agent = self._factory.create("")
+                    session.agent, session.retry, session.manager = self._factory.create("")
         except BaseException:
             session.busy = False
             raise
