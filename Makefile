@@ -37,7 +37,7 @@ run: install model ## Start the local model and the agent service on localhost (
 	$(PY) deploy/local/run_stack.py
 
 .PHONY: test
-test: install model system-tools ## Install what is needed and run every test, lint and type check
+test: install model system-tools web-deps ## Install what is needed and run every test, lint and type check
 	$(MAKE) --no-print-directory lint typecheck
 	$(PY) -m pytest
 
@@ -72,14 +72,40 @@ $(MODEL_INSTALLED): | $(INSTALLED)
 	$(PY) services/model/serve_model.py --check
 	@touch $@
 
-# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool).
+# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool), Chromium
+# (the chat page's browser test) and Node.js with npm (building the chat page).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: system-tools
-system-tools: ## Install Debian's prometheus (promtool, the real Prometheus for tests) when missing
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "Installing Debian's prometheus package (promtool and prometheus for the tests)"; \
+system-tools: ## Install Debian's prometheus, chromium and nodejs/npm (real programs the tests run) when missing
+	@missing=""; \
+	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian's$$missing (programs the tests run)"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The chat page (deploy/web): npm packages at install time only; the TypeScript generated from the
+# proto and the bundle Envoy serves are checked in (tests/unit/test_web_bundle.py catches drift).
+WEB := deploy/web
+WEB_DEPS := $(WEB)/node_modules/.installed
+
+.PHONY: web-deps
+web-deps: $(WEB_DEPS) ## npm ci in deploy/web (the page's libraries, protoc-gen-es, esbuild, tsc), from its lock
+
+$(WEB_DEPS): $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund
+	@touch $@
+
+.PHONY: web
+web: $(INSTALLED) ## Rebuild the chat page: npm ci, TypeScript from the proto, type check, deploy/web/dist/chat.js
+	cd $(WEB) && npm ci --no-audit --no-fund
+	@touch $(WEB_DEPS)
+	$(PY) protos/generate.py --es $(WEB)/src/gen $(WEB)/node_modules/.bin/protoc-gen-es
+	cd $(WEB) && npm run build
 
 # docker compose (needs a Docker engine; `make test` only validates the files). Ports and image
 # tags are in .env; a git-ignored .env.override is read after it for personal settings.

@@ -79,6 +79,7 @@ def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
     env.setdefault("ENVOY_AGENT_HOST", "127.0.0.1")
     env.setdefault("ENVOY_AGENT_PORT", agent_port)
     env.setdefault("ENVOY_DESCRIPTOR_SET", str(REPO / "deploy/envoy/agent.pb"))
+    env.setdefault("ENVOY_WEB_ROOT", str(REPO / "deploy/web"))  # the chat page at http://localhost:8080/
     env.setdefault("ENVOY_OTEL_HOST", "127.0.0.1")  # a local collector if one runs; Envoy works without
     env.setdefault("ENVOY_OTEL_PORT", "4317")
     return env
@@ -190,6 +191,7 @@ def main() -> int:
             admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
             envoy_help = f"""
 Through Envoy ({front}; the agent itself stays on {target}):
+  http://{front}/   the chat page, in a browser
   curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "hello"}}'   # JSON in, Server-Sent Events out
   gRPC-Web on http://{front}/agent.AgentService/StreamChat
   {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)

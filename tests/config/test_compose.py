@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.config.stack import REPO, compose, compose_model, compose_model_with, dotenv
+from tests.config.stack import (
+    REPO,
+    compose,
+    compose_model,
+    compose_model_with,
+    dotenv,
+    envoy_config,
+    envoy_page_files,
+)
 
 SERVICES = {"agent", "envoy", "model", "otel-collector", "jaeger", "prometheus", "grafana"}
 PUBLISHED = {"envoy", "grafana", "jaeger"}
@@ -97,3 +105,14 @@ def test_env_file_holds_no_secret() -> None:
     secret_like = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
     assert [key for key in dotenv() if secret_like.search(key)] == []
     assert ".env.override" in (REPO / ".gitignore").read_text().split()
+
+
+def test_envoy_mounts_the_chat_page_where_the_template_reads_it() -> None:
+    envoy = compose_model()["services"]["envoy"]
+    root = envoy["environment"]["ENVOY_WEB_ROOT"]
+    (volume,) = [v for v in envoy["volumes"] if v["target"] == root]
+    assert (volume["type"], Path(volume["source"]), volume.get("read_only")) == ("bind", REPO / "deploy" / "web", True)
+    served = envoy_page_files(envoy_config(envoy["environment"]))
+    assert set(served) == {"/", "/chat.js", "/chat.css"}
+    for file in served.values():
+        assert (REPO / "deploy" / "web" / Path(file).relative_to(root)).is_file(), file

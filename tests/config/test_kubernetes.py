@@ -15,6 +15,8 @@ from tests.config.stack import (
     agent_settings,
     container,
     container_env,
+    envoy_config,
+    envoy_page_files,
     k8s_kinds,
     k8s_object,
     k8s_objects,
@@ -179,6 +181,25 @@ def test_envoy_mounts_the_deploy_envoy_files_themselves(overlay: str) -> None:
     assert env["ENVOY_TEMPLATE"] == mount["mountPath"] + "/envoy.yaml"
     assert env["ENVOY_DESCRIPTOR_SET"] == mount["mountPath"] + "/agent.pb"
     assert container(overlay, "envoy")["command"] == ["sh", mount["mountPath"] + "/docker-entrypoint.sh"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_envoy_mounts_the_chat_page_files_themselves_where_the_template_reads_them(overlay: str) -> None:
+    """ConfigMap `envoy-web` holds deploy/web's files, mounted back in the repository's layout."""
+    config_map = k8s_object(overlay, "ConfigMap", "envoy-web")
+    files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
+    files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]]
+    items = {item["key"]: item["path"] for item in volume["configMap"]["items"]}
+    assert set(items) == set(files)
+    for key, path in items.items():
+        assert files[key] == (REPO / "deploy" / "web" / path).read_bytes(), path
+    (mount,) = [m for m in container(overlay, "envoy")["volumeMounts"] if m["name"] == volume["name"]]
+    env = container_env(overlay, "envoy")
+    assert env["ENVOY_WEB_ROOT"] == mount["mountPath"]
+    served = envoy_page_files(envoy_config(env))
+    assert served and set(served.values()) == {f"{mount['mountPath']}/{path}" for path in items.values()}
 
 
 def test_every_object_lands_in_the_agent_namespace() -> None:

@@ -103,6 +103,7 @@ def test_the_entrypoint_renders_exactly_like_render_py_and_envoy_accepts_it(tmp_
         "ENVOY_TLS_CERT": str(cert),
         "ENVOY_TLS_KEY": str(key),
         "ENVOY_DESCRIPTOR_SET": str(render.DESCRIPTOR_SET),
+        "ENVOY_WEB_ROOT": str(render.WEB_ROOT),
         "ENVOY_AGENT_HOST": "agent.agents.svc.cluster.local",
         "ENVOY_SERVICE_NAME": "front door & $HOME `x`",  # taken literally, never evaluated
     }
@@ -128,6 +129,46 @@ def test_envoy_rejects_a_broken_render(tmp_path: Path) -> None:
     """The validation above can fail: a missing descriptor set is refused."""
     config = render_config(tmp_path / "envoy.yaml", ENVOY_DESCRIPTOR_SET=str(tmp_path / "missing.pb"))
     assert validate(config).returncode != 0
+
+
+def test_envoy_rejects_a_web_root_without_the_page(tmp_path: Path) -> None:
+    """The page's files are read at start: a wrong ENVOY_WEB_ROOT fails loudly, not with empty pages."""
+    config = render_config(tmp_path / "envoy.yaml", ENVOY_WEB_ROOT=str(tmp_path / "missing"))
+    result = validate(config)
+    assert result.returncode != 0 and "index.html" in result.stderr
+
+
+def test_the_chat_page_routes_shadow_nothing(tmp_path: Path) -> None:
+    """The page's routes are exact paths after the agent's prefixes and before the catch-all 404."""
+    hcm = by_name(load(render_config(tmp_path / "envoy.yaml"))["static_resources"]["listeners"], "front_door")[
+        "filter_chains"
+    ][0]["filters"][0]["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    matches = [{k: v for k, v in route["match"].items() if k != "headers"} for route in host["routes"]]
+    assert matches == [
+        {"prefix": "/agent.AgentService/"},
+        {"prefix": "/grpc.health.v1.Health/"},
+        {"prefix": "/grpc.reflection."},
+        {"path": "/"},
+        {"path": "/chat.js"},
+        {"path": "/chat.css"},
+        {"prefix": "/"},
+    ]
+    files = {
+        route["match"]["path"]: Path(route["direct_response"]["body"]["filename"])
+        for route in host["routes"]
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    }
+    assert {path: file.relative_to(render.WEB_ROOT).as_posix() for path, file in files.items()} == {
+        "/": "index.html",
+        "/chat.js": "dist/chat.js",
+        "/chat.css": "chat.css",
+    }
+    for route in host["routes"][3:6]:  # a POST to / (say) is not the page: it gets the 404
+        (header,) = route["match"]["headers"]
+        assert header == {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}
+    largest = max(file.stat().st_size for file in files.values())
+    assert largest < hcm["route_config"]["max_direct_response_body_size_bytes"] // 4  # room to grow
 
 
 def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
