@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2
 
 from agent_service.cli import agentctl, chat, connect, exits, health, lines, render
 from agent_service.cli.args import effective_timeout, parse_args
+from agent_service.core.requests import resolve_session_id
 from agent_service.proto import agent_pb2
-from agent_service.sessions import validate_session_id
 
 
 def _content(text: str) -> agent_pb2.ChatResponse:
@@ -273,7 +273,7 @@ def test_new_session_ids_are_fresh_and_valid_for_the_service() -> None:
     first, second = chat.new_session_id(), chat.new_session_id()
     assert first != second
     assert first.startswith("agentctl-") and len(first) == len("agentctl-") + 16
-    assert validate_session_id(first) == first
+    assert resolve_session_id({"session_id": first}) == first
 
 
 def test_history_path_follows_xdg() -> None:
