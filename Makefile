@@ -76,9 +76,10 @@ $(MODEL_INSTALLED): | $(INSTALLED)
 # (the chat page's browser test) and Node.js with npm (building the chat page).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: system-tools
-system-tools: ## Install Debian's prometheus, chromium and nodejs/npm (real programs the tests run) when missing
+system-tools: ## Install Debian's prometheus, redis-server, chromium and nodejs/npm (real programs the tests run) when missing
 	@missing=""; \
 	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \

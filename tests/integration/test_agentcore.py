@@ -109,6 +109,12 @@ def typed(url: str, prompt: str, session_id: str | None = None, **payload: Any) 
     return read_events(invoke(url, {"prompt": prompt, "stream": "events", **payload}, session_id=session_id))
 
 
+def stored_messages(data_dir: Path, session: str) -> list[Any]:
+    """The messages of a session in the files store's snapshot."""
+    (snapshot,) = (data_dir / "anonymous" / "session" / session).rglob("snapshot_latest.json")
+    return list(json.loads(snapshot.read_text())["data"]["messages"])
+
+
 def ping(url: str) -> str:
     reply = httpx.get(f"{url}/ping", timeout=5)
     assert reply.status_code == 200
@@ -186,7 +192,7 @@ def test_session_continues_via_the_header(served: Served) -> None:
     assert first[-1]["session_id"] == second[-1]["session_id"] == session
     # The second answer's model call saw the first exchange; a fresh session's did not.
     assert second[-1]["usage"]["input_tokens"] > fresh[-1]["usage"]["input_tokens"]
-    assert any((served.data_dir / f"session_{session}").rglob("message_*.json"))
+    assert len(stored_messages(served.data_dir, session)) == 4
     # The payload may name the session too; it must then agree with the header.
     third = typed(served.url, "again", session_id=session)
     assert third[-1]["session_id"] == session
@@ -421,7 +427,7 @@ async def test_websocket_converses_over_the_same_core(served: Served) -> None:
         third = await _ws_answer(socket)
         assert third[-1]["type"] == "done" and third[-1]["turn"] == 3
     # The conversation was persisted under the session: its history holds both answers.
-    assert len(list((served.data_dir / f"session_{session}").rglob("message_*.json"))) >= 6
+    assert len(stored_messages(served.data_dir, session)) >= 6
     wait_until(lambda: served.face.in_flight == 0, 5, "the websocket's slot is still held")
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,36 +19,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent_service.proto import agent_pb2, agent_pb2_grpc
-from tests.support.servers import collect, free_port, kinds, read_until_error
+from tests.support.processes import CHANNEL_READY_S, service_process
+from tests.support.servers import collect, kinds, read_until_error
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-CHANNEL_READY_S = 30
-
-
-@contextmanager
-def service_process(tmp_path: Path, **settings: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`agent-service` on ephemeral loopback ports (gRPC and metrics), its stderr captured in a file."""
-    port = free_port()
-    defaults = dict(
-        AGENT_MODEL_PROVIDER="demo",
-        AGENT_GRPC_HOST="127.0.0.1",
-        AGENT_GRPC_PORT=str(port),
-        AGENT_METRICS_HOST="127.0.0.1",
-        AGENT_METRICS_PORT="0",
-        AGENT_DEMO_TOKEN_DELAY_MS="20",
-        AGENT_SHUTDOWN_GRACE_S="1.5",
-        AGENT_DATA_DIR=str(tmp_path / "data"),
-        AGENT_LOG_FORMAT="json",
-    )
-    env = {**os.environ, **defaults, **settings}
-    with (tmp_path / "stderr.log").open("wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "agent_service.server"], env=env, stderr=stderr)
-        try:
-            yield process, f"127.0.0.1:{port}"
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
 
 
 async def _ready(channel: grpc.aio.Channel) -> None:
@@ -63,7 +35,8 @@ async def _ready(channel: grpc.aio.Channel) -> None:
     ids=["finishes-within-grace", "cancelled-after-grace"],
 )
 async def test_sigterm_drains_then_exits_zero(tmp_path: Path, reply_words: int, expected) -> None:
-    with service_process(tmp_path) as (process, target):
+    with service_process(tmp_path) as service:
+        process, target = service.process, service.target
         async with grpc.aio.insecure_channel(target) as channel:
             await _ready(channel)
             stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -80,7 +53,8 @@ async def test_sigterm_drains_then_exits_zero(tmp_path: Path, reply_words: int, 
 
 
 async def test_an_undecodable_request_is_logged_like_any_call_without_a_traceback(tmp_path: Path) -> None:
-    with service_process(tmp_path) as (process, target):
+    with service_process(tmp_path) as service:
+        process, target = service.process, service.target
         async with grpc.aio.insecure_channel(target) as channel:
             await _ready(channel)
             raw = channel.unary_stream("/agent.AgentService/StreamChat")
@@ -88,7 +62,7 @@ async def test_an_undecodable_request_is_logged_like_any_call_without_a_tracebac
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-    logged = (tmp_path / "stderr.log").read_text()
+        logged = service.log.read_text()
     assert "Traceback" not in logged
     lines = [json.loads(line) for line in logged.splitlines()]  # every line is JSON
     ends = [line for line in lines if line.get("event") == "call.end"]
@@ -118,7 +92,8 @@ def test_a_buffered_provider_does_not_starve_health_checks(tmp_path: Path) -> No
     thread of this one, so what is measured is the service's own event loop.
     """
     settings = {"AGENT_DEMO_TOKEN_DELAY_MS": "0", "AGENT_DEMO_REPLY_WORDS": "100000", "AGENT_MAX_TOKENS": "200000"}
-    with service_process(tmp_path, **settings) as (_process, target):
+    with service_process(tmp_path, **settings) as service:
+        target = service.target
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_S)
         stop, latencies = threading.Event(), []

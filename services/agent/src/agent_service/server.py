@@ -31,6 +31,7 @@ from agent_service.telemetry.metrics import Metrics, MetricsEndpoint
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the drain, what is left (health checks, reflection, calls racing the shutdown) gets this long.
 _FINAL_STOP_GRACE_S = 1.0
 
@@ -67,6 +68,7 @@ class AgentServer:
             reflection.enable_server_reflection(names, self.server)
         self.port = 0
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def registry(self) -> SessionRegistry:
@@ -88,12 +90,13 @@ class AgentServer:
             raise OSError(f"could not bind {address}")
         await self.server.start()
         if self.metrics is not None:
-            admission = self.core.admission
+            core = self.core
             self.metrics_endpoint = self.metrics.serve(
-                self.settings.metrics_host, self.settings.metrics_port, serving=lambda: not admission.draining
+                self.settings.metrics_host, self.settings.metrics_port, serving=lambda: core.serving
             )
         for name in HEALTH_SERVICES:
             await self.health.set(name, _SERVING)
+        self.core.store_monitor.on_change(self._store_changed)
         self.core.start()
         self.log.info(
             "server.start",
@@ -102,9 +105,18 @@ class AgentServer:
             provider=self.settings.model_provider,
             model=self.settings.resolved_model_id(),
             reflection=self.settings.reflection,
+            store=self.core.store.name,
             metrics_port=self.metrics_endpoint.port if self.metrics_endpoint else None,
         )
         return self.port
+
+    def _store_changed(self, available: bool) -> None:
+        """The agent service is ready only while its session store answers (the process itself stays live)."""
+        task = asyncio.get_running_loop().create_task(
+            self.health.set(SERVICE_NAME, _SERVING if available else _NOT_SERVING)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain, then stop.

@@ -111,12 +111,23 @@ class Settings(BaseSettings):
     )
 
     # --- sessions ----------------------------------------------------------
-    data_dir: Path = Field(Path("agent-data"), description="Directory where session histories are persisted.")
+    session_store: str = Field(
+        "files",
+        description="Where conversations live: `files` (under AGENT_DATA_DIR; one machine) or a redis[s]:// URL.",
+    )
+    session_lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="Redis store: a crashed replica's hold on a session expires after this long (renewed while alive).",
+    )
+    data_dir: Path = Field(Path("agent-data"), description="Directory of the files store (session histories, locks).")
     max_sessions: int = Field(
         1000, ge=1, description="Session agents kept in memory (least recently used evicted first)."
     )
     session_idle_s: float = Field(
-        900.0, gt=0, description="Idle time after which a session's agent leaves memory (history stays on disk)."
+        900.0,
+        gt=0,
+        description="Idle time after which a session's agent leaves memory (its history stays in the store).",
     )
 
     # --- telemetry ---------------------------------------------------------

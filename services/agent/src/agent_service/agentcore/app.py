@@ -103,9 +103,9 @@ def main() -> None:
     tracing.record_content(settings.trace_content)
     provider = tracing.configure_tracing() if tracing.tracing_requested(os.environ) else None
     face = AgentCoreFace(settings)
-    admission = face.core.admission
+    core = face.core
     endpoint = (
-        face.metrics.serve(settings.metrics_host, settings.metrics_port, serving=lambda: not admission.draining)
+        face.metrics.serve(settings.metrics_host, settings.metrics_port, serving=lambda: core.serving)
         if face.metrics
         else None
     )

@@ -29,8 +29,10 @@ from agent_service.core.observer import CallObserver
 from agent_service.core.requests import ChatInput, RequestLimits, ValidRequest, validate
 from agent_service.core.runner import AgentRunner, Deadline
 from agent_service.core.sessions import AgentFactory, Session, SessionRegistry
+from agent_service.core.store_monitor import StoreMonitor
 from agent_service.models import build_model
 from agent_service.settings import Settings
+from agent_service.store import ANONYMOUS, SessionKey, open_store
 from agent_service.telemetry.metrics import (
     REJECT_ADMISSION,
     REJECT_BUSY,
@@ -55,19 +57,27 @@ class ChatCore:
         self.metrics = metrics
         self.limits = RequestLimits.from_settings(settings)
         self.model_name = settings.resolved_model_id()
-        self.registry = SessionRegistry(AgentFactory(settings, model or build_model(settings)), settings)
+        self.store = open_store(settings)
+        self.registry = SessionRegistry(AgentFactory(settings, model or build_model(settings)), self.store, settings)
         self.runner = AgentRunner(self.registry, settings.cancel_grace_s, settings.coalesce_text)
         self.admission = Admission(settings.max_concurrent_streams)
         self.draining = asyncio.Event()
+        self.store_monitor = StoreMonitor(self.store, self.log)
         self._evictor: asyncio.Task[None] | None = None
         if metrics is not None:
             metrics.sessions_active.set_function(lambda: len(self.registry))
             metrics.streams_limit.set(settings.max_concurrent_streams)
 
     def start(self) -> None:
-        """Start background work (idle-session eviction) on the running loop."""
+        """Start background work (idle-session eviction, the store's health) on the running loop."""
         interval = max(1.0, min(60.0, self.settings.session_idle_s / 4))
         self._evictor = asyncio.get_running_loop().create_task(self.registry.evict_idle_forever(interval))
+        self.store_monitor.start()
+
+    @property
+    def serving(self) -> bool:
+        """Ready for calls: not draining, and the session store answers (read from any thread)."""
+        return not self.admission.draining and self.store_monitor.healthy
 
     def call(self, method: str, peer: str, client_timeout_s: float | None = None) -> ChatCall:
         """Open a call; `client_timeout_s` is the time the client gave it (None: no deadline)."""
@@ -87,12 +97,14 @@ class ChatCore:
         self.draining.set()
 
     async def aclose(self) -> None:
-        """Wind down cancelled runs (bounded) and stop background work."""
+        """Wind down cancelled runs (bounded), stop background work, close the store."""
         await self.runner.aclose(self.settings.cancel_grace_s * 2 + 1)
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
+        for task in (self._evictor, self.store_monitor.task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.store.aclose()
 
 
 class ChatCall:
@@ -110,6 +122,7 @@ class ChatCall:
         self.observer = CallObserver(core.log, method, peer, metrics, core.model_name)
         self.deadline, self.hard_deadline = _deadlines(core.settings, client_timeout_s)
         self._admitted = False
+        self.principal = ANONYMOUS
         self._call_id = uuid.uuid4().hex[:16]
         self._sequence = 0
 
@@ -157,7 +170,7 @@ class ChatCall:
         self.observer.turn_started()
         valid = self._validate(request)
         self._admit()
-        target: Session | str = valid.session_id or self._core.registry.ephemeral()
+        target = SessionKey(self.principal, valid.session_id) if valid.session_id else self._core.registry.ephemeral()
         async for reply in self._turn(valid, target, turn=1):
             yield reply
 
@@ -184,7 +197,7 @@ class ChatCall:
                 try:
                     valid = self._validate(request)
                     session_id = valid.session_id
-                    target: Session | str = session_id or conversation
+                    target = SessionKey(self.principal, session_id) if session_id else conversation
                     async for reply in self._turn(valid, target, turn):
                         yield reply
                 except ChatError as error:
@@ -241,7 +254,7 @@ class ChatCall:
             raise
         self._admitted = True
 
-    async def _turn(self, valid: ValidRequest, target: Session | str, turn: int) -> AsyncIterator[Reply]:
+    async def _turn(self, valid: ValidRequest, target: Session | SessionKey, turn: int) -> AsyncIterator[Reply]:
         """One answer: its events numbered and accounted, `Done` last; a failed answer ends with `Failure`."""
         started = time.perf_counter()
         session_id = valid.session_id

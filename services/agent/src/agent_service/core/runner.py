@@ -24,9 +24,9 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from strands import Agent
-from strands.types.content import ContentBlock, Message
-from strands.types.exceptions import MaxTokensReachedException
+from strands.types.exceptions import MaxTokensReachedException, StorageError
 
 from agent_service.core.errors import ChatError, ErrorKind, Fault
 from agent_service.core.events import (
@@ -39,9 +39,11 @@ from agent_service.core.events import (
     map_strands_event,
     usage_from_counts,
 )
+from agent_service.core.history import close_turn
+from agent_service.core.journal import TurnJournal
 from agent_service.core.sessions import Session, SessionRegistry
+from agent_service.store import SessionKey
 
-ABANDONED_TOOL_TEXT = "tool abandoned: the answer was interrupted"
 # Most text deltas, and characters, merged into one event: bounds a message (well under the gRPC
 # message limit) when a slow client falls far behind.
 MAX_COALESCED_DELTAS = 256
@@ -49,12 +51,6 @@ MAX_COALESCED_CHARS = 64 * 1024
 # A provider that hands over buffered chunks never suspends; let other calls (and health
 # checks) run at least this often.
 YIELD_INTERVAL_S = 0.001
-
-
-def interrupted_text(partial: str, reason: str) -> str:
-    """The assistant text stored for an answer that did not complete: what was sent, then a marker."""
-    marker = f"[interrupted: {reason}]"
-    return f"{partial.rstrip()}\n\n{marker}" if partial.strip() else marker
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +89,16 @@ class _Run:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     expired: bool = False
+    lease_lost: bool = False
     partial: list[str] = field(default_factory=list)  # text handed out since the last message boundary
     stop_reason: str = ""
+    journal: TurnJournal | None = None
 
     def handed_out(self, event: AgentEvent) -> None:
         if type(event) is TextDelta:
             self.partial.append(event.text)
+            if self.journal is not None:
+                self.journal.progress(self.partial)
         elif isinstance(event, ToolCall | ToolOutcome):
             self.partial.clear()
         elif isinstance(event, Finished):
@@ -106,6 +106,11 @@ class _Run:
 
     def expire(self) -> None:
         self.expired = True
+        self.cancel.set()
+        self.queue.put_nowait(_WAKE)
+
+    def lose_lease(self) -> None:
+        self.lease_lost = True
         self.cancel.set()
         self.queue.put_nowait(_WAKE)
 
@@ -118,18 +123,20 @@ class AgentRunner:
         self._cancel_grace_s = cancel_grace_s
         self._coalesce_text = coalesce_text
         self._settling: set[asyncio.Task[None]] = set()
+        self._log = structlog.get_logger("agent_service.runner")
 
     @property
     def settling(self) -> int:
-        """Cancelled runs still being wound down (their sessions are still busy)."""
+        """Runs still being wound down or saved (their sessions are still busy)."""
         return len(self._settling)
 
-    async def run(self, target: Session | str, prompt: str, deadline: Deadline) -> AsyncIterator[AgentEvent]:
+    async def run(self, target: Session | SessionKey, prompt: str, deadline: Deadline) -> AsyncIterator[AgentEvent]:
         """Yield the events of one answer.
 
         Raises ChatError: ABORTED (before any event) when another caller holds the
         session; DEADLINE_EXCEEDED when the deadline passes, checked before every
-        event, not queued behind them; UNAVAILABLE or INTERNAL when the provider fails.
+        event, not queued behind them; UNAVAILABLE or INTERNAL when the provider (or
+        the session store) fails.
         """
         session = await self._registry.acquire(target)
         agent = session.agent
@@ -138,6 +145,11 @@ class AgentRunner:
         session.retry.start(deadline.at)
         loop = asyncio.get_running_loop()
         run = _Run()
+        lease = session.lease
+        if lease is not None:
+            run.journal = TurnJournal(lease)
+            lease.on_lost(run.lose_lease)
+        finished: asyncio.Future[None] = loop.create_future()
         producer = loop.create_task(_produce(agent, prompt, run))
         timer = loop.call_at(deadline.at, run.expire)
         failure: ChatError | None = None
@@ -151,6 +163,9 @@ class AgentRunner:
                 if run.expired:
                     failure = deadline.exceeded()
                     raise failure
+                if run.lease_lost:
+                    failure = ChatError(ErrorKind.UNAVAILABLE, "the session's lease in the store was lost mid-answer")
+                    raise failure
                 if item is _END:
                     return
                 if item is _WAKE:
@@ -161,51 +176,65 @@ class AgentRunner:
                 if self._coalesce_text and type(item) is TextDelta and not run.queue.empty():
                     item, held = _coalesce(item, run.queue)
                 run.handed_out(item)
+                if type(item) is Finished:
+                    session.settling = finished  # complete for the client: a follow-up waits for the save
                 yield item
         finally:
             timer.cancel()
-            reason = _interruption(run, failure)
-            if producer.done():
-                self._finish(session, run, reason)
-            else:
-                run.cancel.set()
-                settle = loop.create_task(self._settle(producer, session, run, reason))
-                session.settling = settle
-                self._settling.add(settle)
-                settle.add_done_callback(self._settling.discard)
+            session.settling = finished
+            settle = loop.create_task(self._settle(producer, session, run, _interruption(run, failure), finished))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
 
     async def aclose(self, timeout_s: float) -> None:
-        """Wait (bounded) for cancelled runs to wind down, e.g. at shutdown."""
+        """Wait (bounded) for runs still winding down, e.g. at shutdown."""
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
 
-    def _finish(self, session: Session, run: _Run, reason: str) -> None:
-        """The producer is done: close the turn if it did not complete, release the session."""
+    async def _settle(
+        self, producer: asyncio.Task[None], session: Session, run: _Run, reason: str, finished: asyncio.Future[None]
+    ) -> None:
+        """Let the run stop (cancelled: within the grace, then abandoned), close its turn, save, release."""
         try:
-            if session.agent is not None:
-                _close_turn_now(session, run, reason)
-        finally:
-            self._registry.release(session)
-
-    async def _settle(self, producer: asyncio.Task[None], session: Session, run: _Run, reason: str) -> None:
-        """Give a cancelled run time to stop cleanly; abandon it after the grace period; close its turn."""
-        try:
-            await asyncio.wait({producer}, timeout=self._cancel_grace_s)
+            if not producer.done():
+                run.cancel.set()
+                await asyncio.wait({producer}, timeout=self._cancel_grace_s)
             if not producer.done():
                 producer.cancel()
                 with suppress(asyncio.CancelledError):
                     await asyncio.wait({producer}, timeout=self._cancel_grace_s)
-            if session.agent is not None:
-                _close_turn_now(session, run, reason)
+            if run.journal is not None:
+                await run.journal.stop()
+            await self._close_turn(session, run, reason)
+        except Exception as exc:  # noqa: BLE001 - the next holder of the session repairs what was not saved
+            self._log.warning("turn.close_failed", session_id=session.session_id, error=_describe(exc))
         finally:
-            session.settling = None
-            self._registry.release(session)
+            try:
+                await self._registry.release(session)
+            except Exception as exc:  # noqa: BLE001 - a lease that cannot be released expires by itself
+                self._log.warning("lease.release_failed", session_id=session.session_id, error=_describe(exc))
+            if not finished.done():
+                finished.set_result(None)
+
+    async def _close_turn(self, session: Session, run: _Run, reason: str) -> None:
+        """Close the turn in the history if it did not complete, save it, and clear the turn's journal."""
+        agent = session.agent
+        if agent is None:
+            return
+        cancelled = run.cancel.is_set() or run.stop_reason == "cancelled"
+        changed = close_turn(agent.messages, "".join(run.partial), reason, cancelled)
+        if changed and session.manager is not None and session.lease is not None:
+            await session.manager.save_snapshot(agent, is_latest=True)
+        if run.journal is not None:
+            await run.journal.clear()
 
 
 def _interruption(run: _Run, failure: ChatError | None) -> str:
     """Why a run that did not complete stopped, as the history's marker says it."""
     if run.expired:
         return "the answer ran out of time"
+    if run.lease_lost:
+        return "the session moved to another server"
     if failure is not None:
         return "the model provider failed"
     return "the request was cancelled"
@@ -253,64 +282,6 @@ def _coalesce(first: TextDelta, queue: asyncio.Queue[Any]) -> tuple[TextDelta, A
     return TextDelta("".join(parts)), None
 
 
-def closing_messages(messages: list[Message], partial: str, reason: str, cancelled: bool) -> tuple[list[Message], bool]:
-    """What closes an incomplete turn: (messages to append, whether to rewrite the last one).
-
-    Pure, so every shape of an interrupted history is unit-tested:
-    - the last message is strands' own cancellation text ("Cancelled by user", which
-      drops what was streamed): rewrite it to the partial answer plus the marker;
-    - an assistant tool call without results: error results, then the marker;
-    - the user's prompt or tool results with no answer: the partial answer plus the marker;
-    - a complete assistant answer: nothing.
-    """
-    if not messages:
-        return [], False
-    last = messages[-1]
-    text = interrupted_text(partial, reason)
-    if last["role"] == "assistant":
-        pending = [block["toolUse"] for block in last["content"] if "toolUse" in block]
-        if pending:
-            results: list[ContentBlock] = [
-                {
-                    "toolResult": {
-                        "toolUseId": tool_use["toolUseId"],
-                        "status": "error",
-                        "content": [{"text": ABANDONED_TOOL_TEXT}],
-                    }
-                }
-                for tool_use in pending
-            ]
-            return [{"role": "user", "content": results}, {"role": "assistant", "content": [{"text": text}]}], False
-        if cancelled:
-            return [{"role": "assistant", "content": [{"text": text}]}], True
-        return [], False
-    return [{"role": "assistant", "content": [{"text": text}]}], False
-
-
-def _close_turn_now(session: Session, run: _Run, reason: str) -> None:
-    """Apply `closing_messages` to the agent's history and its persisted copy (a no-op after a complete answer)."""
-    agent = session.agent
-    assert agent is not None
-    cancelled = run.cancel.is_set() or run.stop_reason == "cancelled"
-    strands_cancel = cancelled and bool(agent.messages) and _is_strands_cancel_text(agent.messages[-1])
-    messages, rewrite_last = closing_messages(agent.messages, "".join(run.partial), reason, strands_cancel)
-    if rewrite_last:
-        agent.messages[-1]["content"] = messages[0]["content"]
-        if session.manager is not None:
-            session.manager.redact_latest_message(agent.messages[-1], agent)
-        return
-    for message in messages:
-        agent.messages.append(message)
-        if session.manager is not None:
-            session.manager.append_message(message, agent)
-
-
-def _is_strands_cancel_text(message: Message) -> bool:
-    """strands ends a stream cancelled mid-answer with an assistant message of its own fixed text."""
-    content = message["content"]
-    return message["role"] == "assistant" and len(content) == 1 and content[0].get("text") == "Cancelled by user"
-
-
 def classify_failure(exc: BaseException) -> ChatError:
     """Provider unreachable (or throttling) → UNAVAILABLE; anything else → INTERNAL."""
     chain: list[BaseException] = []
@@ -320,6 +291,10 @@ def classify_failure(exc: BaseException) -> ChatError:
         current = current.__cause__ or current.__context__
     unavailable = _unavailable_types()
     for item in chain:
+        if isinstance(item, ChatError):  # the session store failed (it already says how)
+            return item
+        if isinstance(item, StorageError):
+            return ChatError(ErrorKind.UNAVAILABLE, f"the session store is unavailable: {_describe(item)}")
         if isinstance(item, unavailable):
             return ChatError(ErrorKind.UNAVAILABLE, f"model provider unavailable: {_describe(item)}")
     return ChatError(ErrorKind.INTERNAL, f"model provider failed: {_describe(exc)}")
