@@ -97,7 +97,7 @@ class AgentServer:
         for name in HEALTH_SERVICES:
             await self.health.set(name, _SERVING)
         self.core.store_monitor.on_change(self._store_changed)
-        self.core.start()
+        await self.core.start()
         self.log.info(
             "server.start",
             address=address,

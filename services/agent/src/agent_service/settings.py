@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Provider = Literal["demo", "local", "openai", "bedrock", "anthropic", "ollama"]
@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(
         1000, ge=1, description="Streams served at once; more fail with RESOURCE_EXHAUSTED."
     )
+    max_streams_per_principal: int = Field(
+        100, ge=1, description="Streams one caller may hold at once (per principal; per address when anonymous)."
+    )
     max_content_chars: int = Field(32_000, ge=1, description="Longest accepted `content`, in characters.")
     max_metadata_entries: int = Field(16, ge=0, description="Most entries accepted in a request's `metadata` map.")
     max_metadata_key_chars: int = Field(64, ge=1, description="Longest accepted metadata key.")
@@ -110,6 +113,16 @@ class Settings(BaseSettings):
         20.0, ge=0, description="Time in-flight streams get to finish on SIGTERM before they are cancelled."
     )
 
+    # --- identity ----------------------------------------------------------
+    auth: bool = Field(
+        False, description="Require a bearer token (JWT) on every agent call; the principal is its `sub`."
+    )
+    jwt_issuer: str = Field("", description="Required `iss` of tokens (empty: any issuer).")
+    jwt_audiences: str = Field("", description="Accepted `aud` values, comma-separated (empty: not checked).")
+    jwks_file: Path | None = Field(None, description="JWKS file with the token signing keys (re-read when it changes).")
+    jwks_uri: str = Field("", description="JWKS URL with the token signing keys (fetched and refreshed in background).")
+    jwks_refresh_s: float = Field(300.0, gt=0, description="How often the JWKS is refreshed.")
+
     # --- sessions ----------------------------------------------------------
     session_store: str = Field(
         "files",
@@ -146,6 +159,16 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."
     )
+
+    @model_validator(mode="after")
+    def _auth_needs_keys(self) -> Settings:
+        if self.auth and not (self.jwks_file or self.jwks_uri):
+            raise ValueError("AGENT_AUTH=on needs AGENT_JWKS_FILE or AGENT_JWKS_URI (the token signing keys)")
+        if self.jwks_file and self.jwks_uri:
+            raise ValueError("set AGENT_JWKS_FILE or AGENT_JWKS_URI, not both")
+        if self.session_store != "files" and not self.session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("AGENT_SESSION_STORE must be `files` or a redis://, rediss:// or unix:// URL")
+        return self
 
     def resolved_model_id(self) -> str:
         """The model id actually used, after provider defaults."""

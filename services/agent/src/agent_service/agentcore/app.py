@@ -75,7 +75,7 @@ class AgentCoreFace:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         """Start the core on the server's loop; at shutdown (after uvicorn's graceful wait) wind it down."""
-        self.core.start()
+        await self.core.start()
         self.log.info("agentcore.ready", provider=self.settings.model_provider, model=self.core.model_name)
         yield
         await self.core.drain(0)

@@ -65,7 +65,8 @@ class Invocations:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         client = request.client
-        call = self._core.call(METHOD, f"{client.host}:{client.port}" if client else "")
+        peer = f"{client.host}:{client.port}" if client else ""
+        call = self._core.call(METHOD, peer, authorization=request.headers.get("authorization"))
         answer = _Answer(call, request, self._core.settings.max_message_bytes, self._core.settings.max_json_depth)
         streaming = asyncio.get_running_loop().create_task(answer.respond(send))
         gone = asyncio.get_running_loop().create_task(_client_gone(receive, answer))

@@ -33,7 +33,8 @@ async def serve_websocket(core: ChatCore, websocket: WebSocket) -> None:
     """Accept the socket and converse until either side ends it."""
     await websocket.accept()
     client = websocket.client
-    call = core.call(METHOD, f"{client.host}:{client.port}" if client else "")
+    peer = f"{client.host}:{client.port}" if client else ""
+    call = core.call(METHOD, peer, authorization=websocket.headers.get("authorization"))
     header_session = websocket.headers.get(SESSION_HEADER)
     gone = asyncio.Event()
     loop = asyncio.get_running_loop()

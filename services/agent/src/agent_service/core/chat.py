@@ -4,7 +4,8 @@ A door (the gRPC servicer, the AgentCore HTTP app) decodes what arrived into a
 `ChatInput`, opens a `ChatCall` and encodes the `Reply`s it yields; that is all it
 does. The call validates, admits, leases the session, runs the agent under the
 effective deadline, numbers and accounts every event, and tells the observer how
-the call ended. The order is the same on every door: validate → admit → lease → run.
+the call ended. The order is the same on every door: authenticate → validate → admit → lease → run
+(the caller is known before anything about its request is looked at, as at the edge).
 Failures are `ChatError`s, turned into statuses by the adapters with the one table
 in `errors.py`.
 """
@@ -25,6 +26,7 @@ from structlog.typing import FilteringBoundLogger
 from agent_service.core.admission import Admission
 from agent_service.core.errors import ChatError, ErrorKind, Fault
 from agent_service.core.events import Done, Failure, Finished, Reply, ReplyEvent
+from agent_service.core.identity import Authenticator, anonymous
 from agent_service.core.observer import CallObserver
 from agent_service.core.requests import ChatInput, RequestLimits, ValidRequest, validate
 from agent_service.core.runner import AgentRunner, Deadline
@@ -32,12 +34,14 @@ from agent_service.core.sessions import AgentFactory, Session, SessionRegistry
 from agent_service.core.store_monitor import StoreMonitor
 from agent_service.models import build_model
 from agent_service.settings import Settings
-from agent_service.store import ANONYMOUS, SessionKey, open_store
+from agent_service.store import SessionKey, open_store
 from agent_service.telemetry.metrics import (
     REJECT_ADMISSION,
     REJECT_BUSY,
+    REJECT_CALLER_LIMIT,
     REJECT_DRAINING,
     REJECT_INVALID,
+    REJECT_UNAUTHENTICATED,
     Metrics,
 )
 
@@ -60,7 +64,8 @@ class ChatCore:
         self.store = open_store(settings)
         self.registry = SessionRegistry(AgentFactory(settings, model or build_model(settings)), self.store, settings)
         self.runner = AgentRunner(self.registry, settings.cancel_grace_s, settings.coalesce_text)
-        self.admission = Admission(settings.max_concurrent_streams)
+        self.admission = Admission(settings.max_concurrent_streams, settings.max_streams_per_principal)
+        self.identity = Authenticator(settings, self.log)
         self.draining = asyncio.Event()
         self.store_monitor = StoreMonitor(self.store, self.log)
         self._evictor: asyncio.Task[None] | None = None
@@ -68,8 +73,9 @@ class ChatCore:
             metrics.sessions_active.set_function(lambda: len(self.registry))
             metrics.streams_limit.set(settings.max_concurrent_streams)
 
-    def start(self) -> None:
-        """Start background work (idle-session eviction, the store's health) on the running loop."""
+    async def start(self) -> None:
+        """Load the identity provider's keys; start background work (idle-session eviction, the store's health)."""
+        await self.identity.start()
         interval = max(1.0, min(60.0, self.settings.session_idle_s / 4))
         self._evictor = asyncio.get_running_loop().create_task(self.registry.evict_idle_forever(interval))
         self.store_monitor.start()
@@ -79,9 +85,12 @@ class ChatCore:
         """Ready for calls: not draining, and the session store answers (read from any thread)."""
         return not self.admission.draining and self.store_monitor.healthy
 
-    def call(self, method: str, peer: str, client_timeout_s: float | None = None) -> ChatCall:
-        """Open a call; `client_timeout_s` is the time the client gave it (None: no deadline)."""
-        return ChatCall(self, method, peer, client_timeout_s)
+    def call(
+        self, method: str, peer: str, client_timeout_s: float | None = None, authorization: str | None = None
+    ) -> ChatCall:
+        """Open a call: `client_timeout_s` is the time the client gave it (None: no deadline), `authorization`
+        the value of its authorization header (a bearer token)."""
+        return ChatCall(self, method, peer, client_timeout_s, authorization)
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new calls (UNAVAILABLE), end idle bidi streams, let answers in flight finish (bounded).
@@ -99,6 +108,7 @@ class ChatCore:
     async def aclose(self) -> None:
         """Wind down cancelled runs (bounded), stop background work, close the store."""
         await self.runner.aclose(self.settings.cancel_grace_s * 2 + 1)
+        await self.identity.aclose()
         for task in (self._evictor, self.store_monitor.task):
             if task is not None:
                 task.cancel()
@@ -116,13 +126,17 @@ class ChatCall:
     otherwise. Any other exception is logged and becomes ChatError(INTERNAL).
     """
 
-    def __init__(self, core: ChatCore, method: str, peer: str, client_timeout_s: float | None) -> None:
+    def __init__(
+        self, core: ChatCore, method: str, peer: str, client_timeout_s: float | None, authorization: str | None
+    ) -> None:
         self._core = core
         metrics = core.metrics.for_method(method) if core.metrics is not None else None
         self.observer = CallObserver(core.log, method, peer, metrics, core.model_name)
         self.deadline, self.hard_deadline = _deadlines(core.settings, client_timeout_s)
         self._admitted = False
-        self.principal = ANONYMOUS
+        self._peer = peer
+        self._authorization = authorization
+        self.caller = anonymous(peer)
         self._call_id = uuid.uuid4().hex[:16]
         self._sequence = 0
 
@@ -155,7 +169,7 @@ class ChatCall:
             return
         if self._admitted:
             self._admitted = False
-            self._core.admission.leave()
+            self._core.admission.leave(self.caller.limit_key)
         self.observer.finish(outcome, fault)
 
     def expired(self) -> ChatError:
@@ -168,9 +182,12 @@ class ChatCall:
         `request` is a ChatError when the door could not even decode what arrived.
         """
         self.observer.turn_started()
+        self._identify()
         valid = self._validate(request)
         self._admit()
-        target = SessionKey(self.principal, valid.session_id) if valid.session_id else self._core.registry.ephemeral()
+        target = (
+            SessionKey(self.caller.principal, valid.session_id) if valid.session_id else self._core.registry.ephemeral()
+        )
         async for reply in self._turn(valid, target, turn=1):
             yield reply
 
@@ -183,6 +200,7 @@ class ChatCall:
         when no request arrives for `AGENT_BIDI_IDLE_S`, or at once when the server
         drains and no answer is in progress.
         """
+        self._identify()
         self._admit()
         settings = self._core.settings
         conversation = self._core.registry.ephemeral()  # the stream's own history when no session id is sent
@@ -197,7 +215,7 @@ class ChatCall:
                 try:
                     valid = self._validate(request)
                     session_id = valid.session_id
-                    target = SessionKey(self.principal, session_id) if session_id else conversation
+                    target = SessionKey(self.caller.principal, session_id) if session_id else conversation
                     async for reply in self._turn(valid, target, turn):
                         yield reply
                 except ChatError as error:
@@ -235,6 +253,16 @@ class ChatCall:
             Fault.CLIENT,
         )
 
+    def _identify(self) -> None:
+        try:
+            self.caller = self._core.identity.identify(self._authorization, self._peer)
+        except ChatError as error:
+            self.observer.rejected(
+                REJECT_UNAUTHENTICATED if error.kind is ErrorKind.UNAUTHENTICATED else REJECT_DRAINING
+            )
+            raise
+        self.observer.bind_principal(self.caller.principal)
+
     def _validate(self, request: ChatInput | ChatError) -> ValidRequest:
         try:
             if isinstance(request, ChatError):
@@ -248,9 +276,13 @@ class ChatCall:
 
     def _admit(self) -> None:
         try:
-            self._core.admission.enter()
+            self._core.admission.enter(self.caller.limit_key)
         except ChatError as error:
-            self.observer.rejected(REJECT_DRAINING if error.kind is ErrorKind.UNAVAILABLE else REJECT_ADMISSION)
+            if error.kind is ErrorKind.UNAVAILABLE:
+                reason = REJECT_DRAINING
+            else:
+                reason = REJECT_CALLER_LIMIT if error.fault is Fault.CLIENT else REJECT_ADMISSION
+            self.observer.rejected(reason)
             raise
         self._admitted = True
 

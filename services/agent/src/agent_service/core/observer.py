@@ -78,6 +78,11 @@ class CallObserver:
             self._log = self._log.bind(session_id=session_id)
             self._span.set_attribute("gen_ai.conversation.id", session_id)
 
+    def bind_principal(self, principal: str) -> None:
+        """Tag the call's later log lines and its span with the caller (never its token)."""
+        self._log = self._log.bind(principal=principal)
+        self._span.set_attribute("enduser.id", principal)
+
     def turn_started(self) -> None:
         """A request of the call is taken up: its time to first chunk counts from now."""
         self._turn_started = time.perf_counter()

@@ -43,10 +43,15 @@ def decode_request(data: bytes, header_session_id: str) -> ChatInput | ChatError
 
 def header_session_id(invocation_metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The `x-session-id` header of a call, or ""."""
+    return header(invocation_metadata, SESSION_HEADER) or ""
+
+
+def header(invocation_metadata: Iterable[tuple[str, str | bytes]] | None, name: str) -> str | None:
+    """One metadata value of a call (the first), or None."""
     for key, value in invocation_metadata or ():
-        if key == SESSION_HEADER:
+        if key == name:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return ""
+    return None
 
 
 def encode(reply: Reply) -> bytes:

@@ -47,8 +47,9 @@ class AgentServicer:
 
     async def stream_chat(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """One request, one streamed answer."""
-        call = self._core.call("StreamChat", context.peer(), _client_timeout(context))
-        header_session = codec.header_session_id(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        call = self._core.call("StreamChat", context.peer(), _client_timeout(context), _authorization(metadata))
+        header_session = codec.header_session_id(metadata)
         await _serve(call, context, call.answer(codec.decode_request(request, header_session)))
         return
         yield b""  # pragma: no cover - makes this an async generator (see the module docstring)
@@ -57,8 +58,9 @@ class AgentServicer:
         self, requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Many requests on one stream, answered in arrival order."""
-        call = self._core.call("BidirectionalChat", context.peer(), _client_timeout(context))
-        header_session = codec.header_session_id(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        call = self._core.call("BidirectionalChat", context.peer(), _client_timeout(context), _authorization(metadata))
+        header_session = codec.header_session_id(metadata)
         await _serve(call, context, call.converse(_decoded(requests, header_session)))
         return
         yield b""  # pragma: no cover - makes this an async generator (see the module docstring)
@@ -96,6 +98,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: ChatError) -> None:
 async def _decoded(requests: AsyncIterable[bytes], header_session: str) -> AsyncIterator[ChatInput | ChatError]:
     async for data in requests:
         yield codec.decode_request(data, header_session)
+
+
+def _authorization(metadata: object) -> str | None:
+    return codec.header(metadata, "authorization")  # type: ignore[arg-type]
 
 
 def _client_timeout(context: grpc.aio.ServicerContext) -> float | None:

@@ -30,6 +30,8 @@ REJECT_ADMISSION = "admission"
 REJECT_INVALID = "invalid_argument"
 REJECT_BUSY = "session_busy"
 REJECT_DRAINING = "draining"
+REJECT_UNAUTHENTICATED = "unauthenticated"
+REJECT_CALLER_LIMIT = "caller_limit"
 
 
 class Metrics:
