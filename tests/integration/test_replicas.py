@@ -76,9 +76,9 @@ async def test_a_replica_killed_mid_answer_loses_no_turn_and_frees_the_session_w
                     answer = await collect(survivor_stub.StreamChat(follow_up, timeout=30))
                     break
                 except grpc.aio.AioRpcError as error:
-                    refused = error.code()
+                    refused, details = error.code(), error.details()
                 if refused != grpc.StatusCode.ABORTED or time.monotonic() - killed > LEASE_S + 5:
-                    raise AssertionError(f"{refused} {time.monotonic() - killed:.1f} s after the kill")
+                    raise AssertionError(f"{refused} {details} {time.monotonic() - killed:.1f} s after the kill")
                 await asyncio.sleep(0.1)
             assert answer[-1].WhichOneof("response") == "done"
     print(f"the killed replica's lease expired {lease_expired_after:.2f} s after SIGKILL (lease {LEASE_S} s)")

@@ -126,6 +126,25 @@ async def test_a_write_with_an_expired_lease_is_fenced_off(redis: RedisServer) -
         await store.aclose()
 
 
+async def test_a_lapsed_lease_nobody_took_is_taken_back(redis: RedisServer) -> None:
+    """A holder whose event loop stalled past its lease keeps its turn when nobody else was granted the session."""
+    store = RedisStore(redis.url, lease_s=0.3)
+    try:
+        stalled = await store.lease(KEY)
+        stalled._renewal.cancel()  # type: ignore[attr-defined]
+        async with asyncio.timeout(5):
+            lease_key = f"agent:{{{KEY.owner}/{KEY.session_id}}}:lease"
+            while await store.call(lambda client: client.exists(lease_key)):  # noqa: ASYNC110 - Redis state
+                await asyncio.sleep(0.05)
+        await stalled.write("snapshot", b"still mine")  # takes the lease back
+        with pytest.raises(SessionBusyError):
+            await store.lease(KEY)
+        assert await stalled.read("snapshot") == b"still mine"
+        await stalled.release()
+    finally:
+        await store.aclose()
+
+
 # --- replicas ----------------------------------------------------------------------------------------------------
 
 

@@ -8,8 +8,9 @@ script that checks the lease still holds that token (a fencing token): a process
 paused past its lease and woke up cannot overwrite the turn of the replica that took
 the session over. A crashed process's lease simply expires.
 
-Redis unreachable: every operation gives up within about a second
-(`StoreUnavailableError`, UNAVAILABLE) instead of waiting for the client's deadline.
+Redis unreachable: connecting gives up after half a second and a stopped server is
+noticed at once (`StoreUnavailableError`, UNAVAILABLE), instead of waiting for the
+client's deadline; an answer slower than `OPERATION_TIMEOUT_S` counts as unreachable too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agent_service.store.base import BUSY_POLL_S, BUSY_WAIT_S, SessionBusyError,
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 0.5
-OPERATION_TIMEOUT_S = 1.0
+OPERATION_TIMEOUT_S = 2.0
 
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -38,23 +39,24 @@ local token = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
 return token
 """
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+# Every script below starts by checking that the caller still holds the lease. A lease may
+# lapse while its holder is alive but stalled (a long pause of its event loop): as long as
+# nobody else was granted the session since (the fence counter still holds the caller's
+# token), the holder takes it back instead of losing its turn.
+# KEYS: lease, fence[, target]; ARGV: token, lease ms[, data]
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then
+  if holder or redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
 """
+_RENEW = _HOLD + "return redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+_FENCED_SET = _HOLD + "redis.call('SET', KEYS[3], ARGV[3])\nreturn 1\n"
+_FENCED_DEL = _HOLD + "redis.call('DEL', KEYS[3])\nreturn 1\n"
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
-_FENCED_SET = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-return 1
-"""
-_FENCED_DEL = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-return 1
 """
 
 
@@ -78,6 +80,7 @@ class RedisLease:
         self._token = token
         self._prefix = f"agent:{{{key.owner}/{key.session_id}}}:"
         self._lease_key = self._prefix + "lease"
+        self._fence_key = self._prefix + "fence"
         self._lease_ms = int(lease_s * 1000)
         self._held = True
         self._lost_callbacks: builtins.list[Callable[[], None]] = []
@@ -128,7 +131,11 @@ class RedisLease:
     async def _fenced(self, script: str, key: str, *data: bytes) -> None:
         if not self._held:
             raise StoreUnavailableError(f"session {self.key.session_id!r} was written after its lease was released")
-        done = await self._store.call(lambda client: client.eval(script, 2, self._lease_key, key, self._token, *data))
+        done = await self._store.call(
+            lambda client: client.eval(
+                script, 3, self._lease_key, self._fence_key, key, self._token, self._lease_ms, *data
+            )
+        )
         if not done:
             self._lose()
             raise StoreUnavailableError(
@@ -136,17 +143,20 @@ class RedisLease:
             )
 
     async def _renew_forever(self, interval_s: float) -> None:
+        """Extend the lease every `interval_s`; it is lost only when another holder was granted the session.
+
+        A renewal that fails to reach Redis is retried at the next tick: if the lease lapses
+        meanwhile and nobody takes the session, the next renewal (or write) takes it back.
+        """
         while self._held:
             await asyncio.sleep(interval_s)
-            try:
+            with contextlib.suppress(StoreUnavailableError):
                 renewed = await self._store.call(
-                    lambda client: client.eval(_RENEW, 1, self._lease_key, self._token, self._lease_ms)
+                    lambda client: client.eval(_RENEW, 2, self._lease_key, self._fence_key, self._token, self._lease_ms)
                 )
-            except StoreUnavailableError:
-                renewed = 0
-            if not renewed and self._held:
-                self._lose()
-                return
+                if not renewed and self._held:
+                    self._lose()
+                    return
 
     def _lose(self) -> None:
         callbacks, self._lost_callbacks = self._lost_callbacks, []
