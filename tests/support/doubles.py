@@ -88,3 +88,22 @@ class BigChunkModel(DemoModel):
             yield {"contentBlockDelta": {"delta": {"text": str(index % 10) * self.chunk_chars}}}
         yield {"contentBlockStop": {}}
         yield {"messageStop": {"stopReason": "end_turn"}}
+
+
+class SilentThenSpeakingModel(DemoModel):
+    """Says nothing for `silence_s` (a long tool call, a slow model), then answers like the demo model."""
+
+    def __init__(self, silence_s: float, **config: Any) -> None:
+        super().__init__(**config)
+        self.silence_s = silence_s
+
+    async def stream(
+        self,
+        messages: Messages,
+        tool_specs: list[ToolSpec] | None = None,
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterable[StreamEvent]:
+        await asyncio.sleep(self.silence_s)
+        async for event in super().stream(messages, tool_specs, system_prompt, **kwargs):
+            yield event

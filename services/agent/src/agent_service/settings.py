@@ -137,6 +137,17 @@ class Settings(BaseSettings):
     max_sessions: int = Field(
         1000, ge=1, description="Session agents kept in memory (least recently used evicted first)."
     )
+    max_queued_per_session: int = Field(
+        4, ge=0, description="Requests that may wait for a busy session (if_busy=ENQUEUE); more: RESOURCE_EXHAUSTED."
+    )
+    run_retention_s: float = Field(
+        600.0, ge=0, description="How long a run's events are kept after it ends, for ResumeStream (0: not kept)."
+    )
+    heartbeat_s: float = Field(
+        15.0,
+        gt=0,
+        description="A stream silent this long gets a heartbeat event (or an SSE comment), proxies see life.",
+    )
     session_idle_s: float = Field(
         900.0,
         gt=0,

@@ -9,8 +9,8 @@
 // @generated from file agent/agent.proto (package agent, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_annotations } from "../google/api/annotations_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -18,7 +18,33 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agent/agent.proto.
  */
 export const file_agent_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChFhZ2VudC9hZ2VudC5wcm90bxIFYWdlbnQilwEKC0NoYXRSZXF1ZXN0Eg8KB2NvbnRlbnQYASABKAkSMgoIbWV0YWRhdGEYAiADKAsyIC5hZ2VudC5DaGF0UmVxdWVzdC5NZXRhZGF0YUVudHJ5EhIKCnNlc3Npb25faWQYAyABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpICCgxDaGF0UmVzcG9uc2USJgoHY29udGVudBgBIAEoCzITLmFnZW50LkNvbnRlbnRDaHVua0gAEiIKCHRvb2xfdXNlGAIgASgLMg4uYWdlbnQuVG9vbFVzZUgAEigKC3Rvb2xfcmVzdWx0GAMgASgLMhEuYWdlbnQuVG9vbFJlc3VsdEgAEh0KBWVycm9yGAQgASgLMgwuYWdlbnQuRXJyb3JIABIbCgRkb25lGAYgASgLMgsuYWdlbnQuRG9uZUgAEhAKCGV2ZW50X2lkGAUgASgJEhAKCHNlcXVlbmNlGAcgASgEEhIKCnNlc3Npb25faWQYCCABKAkSDAoEdHVybhgJIAEoDUIKCghyZXNwb25zZSIcCgxDb250ZW50Q2h1bmsSDAoEdGV4dBgBIAEoCSI8CgdUb29sVXNlEhEKCXRvb2xfbmFtZRgBIAEoCRIPCgd0b29sX2lkGAIgASgJEg0KBWlucHV0GAMgASgJIlAKClRvb2xSZXN1bHQSDwoHdG9vbF9pZBgBIAEoCRIOCgZvdXRwdXQYAiABKAkSDgoGc3RhdHVzGAMgASgJEhEKCXRvb2xfbmFtZRgEIAEoCSImCgVFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiYgoERG9uZRITCgtzdG9wX3JlYXNvbhgBIAEoCRIbCgV1c2FnZRgCIAEoCzIMLmFnZW50LlVzYWdlEhMKC2V2ZW50X2NvdW50GAMgASgNEhMKC2R1cmF0aW9uX21zGAQgASgBIkoKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBBIVCg1vdXRwdXRfdG9rZW5zGAIgASgEEhQKDHRvdGFsX3Rva2VucxgDIAEoBDKlAQoMQWdlbnRTZXJ2aWNlElMKClN0cmVhbUNoYXQSEi5hZ2VudC5DaGF0UmVxdWVzdBoTLmFnZW50LkNoYXRSZXNwb25zZSIagtPkkwIUIg8vdjEvY2hhdDpzdHJlYW06ASowARJAChFCaWRpcmVjdGlvbmFsQ2hhdBISLmFnZW50LkNoYXRSZXF1ZXN0GhMuYWdlbnQuQ2hhdFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_api_annotations]);
+  fileDesc("ChFhZ2VudC9hZ2VudC5wcm90bxIFYWdlbnQiNwoNUmVzdW1lUmVxdWVzdBIOCgZydW5faWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAQi6wEKC0NoYXRSZXF1ZXN0Eg8KB2NvbnRlbnQYASABKAkSMgoIbWV0YWRhdGEYAiADKAsyIC5hZ2VudC5DaGF0UmVxdWVzdC5NZXRhZGF0YUVudHJ5EhIKCnNlc3Npb25faWQYAyABKAkSLgoNb25fZGlzY29ubmVjdBgEIAEoDjIXLmFnZW50LkRpc2Nvbm5lY3RQb2xpY3kSIgoHaWZfYnVzeRgFIAEoDjIRLmFnZW50LkJ1c3lQb2xpY3kaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIskCCgxDaGF0UmVzcG9uc2USJgoHY29udGVudBgBIAEoCzITLmFnZW50LkNvbnRlbnRDaHVua0gAEiIKCHRvb2xfdXNlGAIgASgLMg4uYWdlbnQuVG9vbFVzZUgAEigKC3Rvb2xfcmVzdWx0GAMgASgLMhEuYWdlbnQuVG9vbFJlc3VsdEgAEh0KBWVycm9yGAQgASgLMgwuYWdlbnQuRXJyb3JIABIbCgRkb25lGAYgASgLMgsuYWdlbnQuRG9uZUgAEiUKCWhlYXJ0YmVhdBgLIAEoCzIQLmFnZW50LkhlYXJ0YmVhdEgAEhAKCGV2ZW50X2lkGAUgASgJEhAKCHNlcXVlbmNlGAcgASgEEhIKCnNlc3Npb25faWQYCCABKAkSDAoEdHVybhgJIAEoDRIOCgZydW5faWQYCiABKAlCCgoIcmVzcG9uc2UiHAoMQ29udGVudENodW5rEgwKBHRleHQYASABKAkiPAoHVG9vbFVzZRIRCgl0b29sX25hbWUYASABKAkSDwoHdG9vbF9pZBgCIAEoCRINCgVpbnB1dBgDIAEoCSJQCgpUb29sUmVzdWx0Eg8KB3Rvb2xfaWQYASABKAkSDgoGb3V0cHV0GAIgASgJEg4KBnN0YXR1cxgDIAEoCRIRCgl0b29sX25hbWUYBCABKAkiJgoFRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJImIKBERvbmUSEwoLc3RvcF9yZWFzb24YASABKAkSGwoFdXNhZ2UYAiABKAsyDC5hZ2VudC5Vc2FnZRITCgtldmVudF9jb3VudBgDIAEoDRITCgtkdXJhdGlvbl9tcxgEIAEoASIdCglIZWFydGJlYXQSEAoIc2VxdWVuY2UYASABKAQiSgoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgEEhUKDW91dHB1dF90b2tlbnMYAiABKAQSFAoMdG90YWxfdG9rZW5zGAMgASgEKiwKEERpc2Nvbm5lY3RQb2xpY3kSCgoGQ0FOQ0VMEAASDAoIQ09OVElOVUUQASo0CgpCdXN5UG9saWN5EgoKBlJFSkVDVBAAEgsKB0VOUVVFVUUQARINCglJTlRFUlJVUFQQAjKEAgoMQWdlbnRTZXJ2aWNlElMKClN0cmVhbUNoYXQSEi5hZ2VudC5DaGF0UmVxdWVzdBoTLmFnZW50LkNoYXRSZXNwb25zZSIagtPkkwIUIg8vdjEvY2hhdDpzdHJlYW06ASowARJAChFCaWRpcmVjdGlvbmFsQ2hhdBISLmFnZW50LkNoYXRSZXF1ZXN0GhMuYWdlbnQuQ2hhdFJlc3BvbnNlKAEwARJdCgxSZXN1bWVTdHJlYW0SFC5hZ2VudC5SZXN1bWVSZXF1ZXN0GhMuYWdlbnQuQ2hhdFJlc3BvbnNlIiCC0+STAhoSGC92MS9ydW5zL3tydW5faWR9L2V2ZW50czABYgZwcm90bzM", [file_google_api_annotations]);
+
+/**
+ * @generated from message agent.ResumeRequest
+ */
+export type ResumeRequest = Message<"agent.ResumeRequest"> & {
+  /**
+   * The run to resume (ChatResponse.run_id, or the x-run-id response header).
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * The last sequence the caller received; 0 for the run from its start.
+   *
+   * @generated from field: uint64 after_sequence = 2;
+   */
+  afterSequence: bigint;
+};
+
+/**
+ * Describes the message agent.ResumeRequest.
+ * Use `create(ResumeRequestSchema)` to create a new message.
+ */
+export const ResumeRequestSchema: GenMessage<ResumeRequest> = /*@__PURE__*/
+  messageDesc(file_agent_agent, 0);
 
 /**
  * @generated from message agent.ChatRequest
@@ -47,6 +73,20 @@ export type ChatRequest = Message<"agent.ChatRequest"> & {
    * @generated from field: string session_id = 3;
    */
   sessionId: string;
+
+  /**
+   * The answer when the client goes away: cancelled (default) or run to its end.
+   *
+   * @generated from field: agent.DisconnectPolicy on_disconnect = 4;
+   */
+  onDisconnect: DisconnectPolicy;
+
+  /**
+   * The request when the session is busy: refused (default), queued, or interrupting.
+   *
+   * @generated from field: agent.BusyPolicy if_busy = 5;
+   */
+  ifBusy: BusyPolicy;
 };
 
 /**
@@ -54,7 +94,7 @@ export type ChatRequest = Message<"agent.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 0);
+  messageDesc(file_agent_agent, 1);
 
 /**
  * @generated from message agent.ChatResponse
@@ -95,6 +135,16 @@ export type ChatResponse = Message<"agent.ChatResponse"> & {
      */
     value: Done;
     case: "done";
+  } | {
+    /**
+     * Sent after a silence of AGENT_HEARTBEAT_S: the run is alive. Not an
+     * event of the run: it repeats the last event's `sequence` and is never
+     * replayed by ResumeStream.
+     *
+     * @generated from field: agent.Heartbeat heartbeat = 11;
+     */
+    value: Heartbeat;
+    case: "heartbeat";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -106,7 +156,8 @@ export type ChatResponse = Message<"agent.ChatResponse"> & {
 
   /**
    * Position of this event in the call, starting at 1 and increasing by 1
-   * across every answer of a BidirectionalChat stream.
+   * across every answer of a BidirectionalChat stream (a heartbeat repeats
+   * the last event's). ResumeStream replays a run's events with theirs.
    *
    * @generated from field: uint64 sequence = 7;
    */
@@ -125,6 +176,13 @@ export type ChatResponse = Message<"agent.ChatResponse"> & {
    * @generated from field: uint32 turn = 9;
    */
   turn: number;
+
+  /**
+   * The run (one answer) this event belongs to: what ResumeStream takes.
+   *
+   * @generated from field: string run_id = 10;
+   */
+  runId: string;
 };
 
 /**
@@ -132,7 +190,7 @@ export type ChatResponse = Message<"agent.ChatResponse"> & {
  * Use `create(ChatResponseSchema)` to create a new message.
  */
 export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 1);
+  messageDesc(file_agent_agent, 2);
 
 /**
  * @generated from message agent.ContentChunk
@@ -151,7 +209,7 @@ export type ContentChunk = Message<"agent.ContentChunk"> & {
  * Use `create(ContentChunkSchema)` to create a new message.
  */
 export const ContentChunkSchema: GenMessage<ContentChunk> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 2);
+  messageDesc(file_agent_agent, 3);
 
 /**
  * @generated from message agent.ToolUse
@@ -180,7 +238,7 @@ export type ToolUse = Message<"agent.ToolUse"> & {
  * Use `create(ToolUseSchema)` to create a new message.
  */
 export const ToolUseSchema: GenMessage<ToolUse> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 3);
+  messageDesc(file_agent_agent, 4);
 
 /**
  * @generated from message agent.ToolResult
@@ -216,7 +274,7 @@ export type ToolResult = Message<"agent.ToolResult"> & {
  * Use `create(ToolResultSchema)` to create a new message.
  */
 export const ToolResultSchema: GenMessage<ToolResult> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 4);
+  messageDesc(file_agent_agent, 5);
 
 /**
  * @generated from message agent.Error
@@ -240,7 +298,7 @@ export type Error = Message<"agent.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 5);
+  messageDesc(file_agent_agent, 6);
 
 /**
  * Summary sent as the final event of an answer.
@@ -280,7 +338,28 @@ export type Done = Message<"agent.Done"> & {
  * Use `create(DoneSchema)` to create a new message.
  */
 export const DoneSchema: GenMessage<Done> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 6);
+  messageDesc(file_agent_agent, 7);
+
+/**
+ * The run is alive (a long tool call or a slow model is silent meanwhile).
+ *
+ * @generated from message agent.Heartbeat
+ */
+export type Heartbeat = Message<"agent.Heartbeat"> & {
+  /**
+   * The sequence of the run's last event so far.
+   *
+   * @generated from field: uint64 sequence = 1;
+   */
+  sequence: bigint;
+};
+
+/**
+ * Describes the message agent.Heartbeat.
+ * Use `create(HeartbeatSchema)` to create a new message.
+ */
+export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
+  messageDesc(file_agent_agent, 8);
 
 /**
  * Token usage as reported by the model provider.
@@ -309,7 +388,71 @@ export type Usage = Message<"agent.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_agent_agent, 7);
+  messageDesc(file_agent_agent, 9);
+
+/**
+ * What happens to the answer when the client goes away before it is complete.
+ *
+ * @generated from enum agent.DisconnectPolicy
+ */
+export enum DisconnectPolicy {
+  /**
+   * The answer is cancelled (its partial text stays in the history).
+   *
+   * @generated from enum value: CANCEL = 0;
+   */
+  CANCEL = 0,
+
+  /**
+   * The answer runs to its end (bounded by the server's cap), is saved in the
+   * conversation, and can be resumed with ResumeStream.
+   *
+   * @generated from enum value: CONTINUE = 1;
+   */
+  CONTINUE = 1,
+}
+
+/**
+ * Describes the enum agent.DisconnectPolicy.
+ */
+export const DisconnectPolicySchema: GenEnum<DisconnectPolicy> = /*@__PURE__*/
+  enumDesc(file_agent_agent, 0);
+
+/**
+ * What happens when the session is answering another request.
+ *
+ * @generated from enum agent.BusyPolicy
+ */
+export enum BusyPolicy {
+  /**
+   * Refused at once with ABORTED.
+   *
+   * @generated from enum value: REJECT = 0;
+   */
+  REJECT = 0,
+
+  /**
+   * Waits its turn (a bounded line per session; RESOURCE_EXHAUSTED when
+   * full); the call's deadline still holds.
+   *
+   * @generated from enum value: ENQUEUE = 1;
+   */
+  ENQUEUE = 1,
+
+  /**
+   * The answer in progress is interrupted (it ends ABORTED, its partial text
+   * kept in the history) and this request is answered next.
+   *
+   * @generated from enum value: INTERRUPT = 2;
+   */
+  INTERRUPT = 2,
+}
+
+/**
+ * Describes the enum agent.BusyPolicy.
+ */
+export const BusyPolicySchema: GenEnum<BusyPolicy> = /*@__PURE__*/
+  enumDesc(file_agent_agent, 1);
 
 /**
  * AgentService streams an agent's answer as it is produced.
@@ -339,6 +482,20 @@ export const AgentService: GenService<{
   bidirectionalChat: {
     methodKind: "bidi_streaming";
     input: typeof ChatRequestSchema;
+    output: typeof ChatResponseSchema;
+  },
+  /**
+   * The events of a run after `after_sequence` that the caller missed, then
+   * its live events until it ends: exactly once, in order, from any replica.
+   * Only the run's owner may resume it; an unknown or expired run is
+   * NOT_FOUND. Over HTTP: GET /v1/runs/{run_id}/events (Server-Sent Events;
+   * a Last-Event-ID header sets after_sequence).
+   *
+   * @generated from rpc agent.AgentService.ResumeStream
+   */
+  resumeStream: {
+    methodKind: "server_streaming";
+    input: typeof ResumeRequestSchema;
     output: typeof ChatResponseSchema;
   },
 }> = /*@__PURE__*/

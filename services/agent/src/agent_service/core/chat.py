@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 import structlog
@@ -24,12 +23,14 @@ from strands.models import Model
 from structlog.typing import FilteringBoundLogger
 
 from agent_service.core.admission import Admission
+from agent_service.core.deadline import Deadline
 from agent_service.core.errors import ChatError, ErrorKind, Fault
-from agent_service.core.events import Done, Failure, Finished, Reply, ReplyEvent
+from agent_service.core.events import Failure, Reply, ReplyEvent
 from agent_service.core.identity import Authenticator, anonymous
 from agent_service.core.observer import CallObserver
-from agent_service.core.requests import ChatInput, RequestLimits, ValidRequest, validate
-from agent_service.core.runner import AgentRunner, Deadline
+from agent_service.core.requests import ChatInput, DisconnectPolicy, RequestLimits, ValidRequest, validate
+from agent_service.core.runner import AgentRunner
+from agent_service.core.runs import Run, RunManager
 from agent_service.core.sessions import AgentFactory, Session, SessionRegistry
 from agent_service.core.store_monitor import StoreMonitor
 from agent_service.models import build_model
@@ -64,6 +65,7 @@ class ChatCore:
         self.store = open_store(settings)
         self.registry = SessionRegistry(AgentFactory(settings, model or build_model(settings)), self.store, settings)
         self.runner = AgentRunner(self.registry, settings.cancel_grace_s, settings.coalesce_text)
+        self.runs = RunManager(self.runner, self.store.runs, settings, self.log)
         self.admission = Admission(settings.max_concurrent_streams, settings.max_streams_per_principal)
         self.identity = Authenticator(settings, self.log)
         self.draining = asyncio.Event()
@@ -100,13 +102,18 @@ class ChatCore:
         self.begin_drain()
         return await self.admission.wait_idle(timeout_s=grace_s)
 
+    def cap(self) -> Deadline:
+        """The server's own limit on a run, from now (AGENT_MAX_STREAM_DURATION_S)."""
+        return Deadline(asyncio.get_running_loop().time() + self.settings.max_stream_duration_s, Fault.SERVER)
+
     def begin_drain(self) -> None:
         """From now on new calls get UNAVAILABLE and idle bidi streams end."""
         self.admission.draining = True
         self.draining.set()
 
     async def aclose(self) -> None:
-        """Wind down cancelled runs (bounded), stop background work, close the store."""
+        """Wind down runs (bounded), stop background work, close the store."""
+        await self.runs.aclose(timeout_s=1.0)
         await self.runner.aclose(self.settings.cancel_grace_s * 2 + 1)
         await self.identity.aclose()
         for task in (self._evictor, self.store_monitor.task):
@@ -134,9 +141,13 @@ class ChatCall:
         self.observer = CallObserver(core.log, method, peer, metrics, core.model_name)
         self.deadline, self.hard_deadline = _deadlines(core.settings, client_timeout_s)
         self._admitted = False
+        self._slot_kept_by_run = False
         self._peer = peer
         self._authorization = authorization
         self.caller = anonymous(peer)
+        # Awaited with the run id once a run is accepted, before its first event (the gRPC door sends it
+        # as `x-run-id` initial metadata).
+        self.run_started: Callable[[str], Awaitable[None]] | None = None
         self._call_id = uuid.uuid4().hex[:16]
         self._sequence = 0
 
@@ -167,7 +178,7 @@ class ChatCall:
         """Record how the call ended (once) and give back its slot."""
         if self.observer.finished:
             return
-        if self._admitted:
+        if self._admitted and not self._slot_kept_by_run:
             self._admitted = False
             self._core.admission.leave(self.caller.limit_key)
         self.observer.finish(outcome, fault)
@@ -287,24 +298,57 @@ class ChatCall:
         self._admitted = True
 
     async def _turn(self, valid: ValidRequest, target: Session | SessionKey, turn: int) -> AsyncIterator[Reply]:
-        """One answer: its events numbered and accounted, `Done` last; a failed answer ends with `Failure`."""
-        started = time.perf_counter()
-        session_id = valid.session_id
-        count = 0
+        """One answer, run by the core's run manager; this call follows it while it is connected.
+
+        With `on_disconnect=CONTINUE` the run's own limit is the server's cap, not the
+        client's deadline, and a client that leaves lets it finish (it keeps this call's
+        stream slot until then); otherwise leaving cancels it.
+        """
+        keep_going = valid.on_disconnect is DisconnectPolicy.CONTINUE
+        run = self._core.runs.start(
+            target,
+            valid,
+            self._core.cap() if keep_going else self.deadline,
+            call_id=self._call_id,
+            turn=turn,
+            owner=self.caller.principal,
+            base_sequence=self._sequence,
+            started=self.run_started,
+        )
+        base = self._sequence
         try:
-            async for event in self._core.runner.run(target, valid.content, self.deadline):
-                if isinstance(event, Finished):
-                    duration_ms = round((time.perf_counter() - started) * 1000, 3)
-                    yield self._reply(turn, session_id, Done(event.stop_reason, event.usage, count, duration_ms))
-                else:
-                    count += 1
-                    yield self._reply(turn, session_id, event)
+            async for reply in run.follow():
+                self._sequence = max(self._sequence, reply.sequence)
+                self.observer.sent(reply.event)
+                yield reply
         except ChatError as error:
-            if error.kind is ErrorKind.ABORTED and count == 0:
-                self.observer.rejected(REJECT_BUSY)
-                raise  # the session is busy: refused before anything ran
-            yield self._reply(turn, session_id, Failure(error.kind.value, error.message))
+            if error.kind is ErrorKind.ABORTED and run.last_sequence == base:
+                self.observer.rejected(REJECT_BUSY)  # refused before anything ran: the session is busy
             raise
+        finally:
+            if not run.finished.is_set():
+                if keep_going:
+                    self._hand_slot_to(run)
+                    run.detach()
+                else:
+                    run.cancel()
+
+    async def resume(self, run_id: str, after_sequence: int) -> AsyncIterator[Reply]:
+        """ResumeStream: a run's events after `after_sequence`, then its live ones (the caller must own it)."""
+        self.observer.turn_started()
+        self._identify()
+        self._admit()
+        async for reply in self._core.runs.replay(run_id, after_sequence, self.caller.principal, self.deadline.at):
+            self.observer.sent(reply.event)
+            yield reply
+
+    def _hand_slot_to(self, run: Run) -> None:
+        """A run that goes on after its client left keeps the call's stream slot until it ends."""
+        if not self._admitted or self._slot_kept_by_run:
+            return
+        self._slot_kept_by_run = True
+        admission, limit_key = self._core.admission, self.caller.limit_key
+        run.on_end = lambda: admission.leave(limit_key)
 
     def _reply(self, turn: int, session_id: str, event: ReplyEvent) -> Reply:
         self._sequence += 1

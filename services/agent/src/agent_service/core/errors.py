@@ -29,6 +29,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     NOT_FOUND = "NOT_FOUND"
     ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     CANCELLED = "CANCELLED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -60,6 +61,7 @@ WIRE: MappingProxyType[ErrorKind, WireStatus] = MappingProxyType(
         ErrorKind.NOT_FOUND: WireStatus("NOT_FOUND", 5, 404, Fault.CLIENT),
         ErrorKind.RESOURCE_EXHAUSTED: WireStatus("RESOURCE_EXHAUSTED", 8, 429, Fault.SERVER),
         ErrorKind.ABORTED: WireStatus("ABORTED", 10, 409, Fault.CLIENT),
+        ErrorKind.OUT_OF_RANGE: WireStatus("OUT_OF_RANGE", 11, 416, Fault.CLIENT),
         ErrorKind.INTERNAL: WireStatus("INTERNAL", 13, 500, Fault.SERVER),
         ErrorKind.UNAVAILABLE: WireStatus("UNAVAILABLE", 14, 503, Fault.SERVER),
         ErrorKind.UNAUTHENTICATED: WireStatus("UNAUTHENTICATED", 16, 401, Fault.CLIENT),

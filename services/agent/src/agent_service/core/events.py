@@ -157,19 +157,77 @@ class Failure:
     message: str
 
 
-ReplyEvent = TextDelta | ToolCall | ToolOutcome | Done | Failure
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The run is alive though silent; not an event of the run (never stored, never replayed)."""
+
+
+ReplyEvent = TextDelta | ToolCall | ToolOutcome | Done | Failure | Heartbeat
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One event as the caller receives it: numbered in the call, tagged with its turn and session."""
+    """One event as the caller receives it: numbered in the call, tagged with its turn, session and run."""
 
     call_id: str
     sequence: int
     turn: int
     session_id: str
     event: ReplyEvent
+    run_id: str = ""
 
     @property
     def event_id(self) -> str:
         return f"{self.call_id}-{self.sequence}"
+
+    def to_record(self) -> dict[str, Any]:
+        """The reply as JSON-able data (a run's stored event log)."""
+        event = self.event
+        body: dict[str, Any] = {"kind": _KINDS[type(event)]}
+        if isinstance(event, TextDelta):
+            body["text"] = event.text
+        elif isinstance(event, ToolCall):
+            body.update(tool_id=event.tool_id, name=event.name, input=event.input_json)
+        elif isinstance(event, ToolOutcome):
+            body.update(tool_id=event.tool_id, name=event.name, output=event.output, status=event.status)
+        elif isinstance(event, Done):
+            usage = event.usage
+            body.update(
+                stop_reason=event.stop_reason,
+                usage=[usage.input_tokens, usage.output_tokens, usage.total_tokens],
+                event_count=event.event_count,
+                duration_ms=event.duration_ms,
+            )
+        elif isinstance(event, Failure):
+            body.update(code=event.code, message=event.message)
+        return {"call": self.call_id, "seq": self.sequence, "turn": self.turn, "session": self.session_id,
+                "run": self.run_id, "event": body}  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Reply:
+        body = record["event"]
+        kind = body["kind"]
+        event: ReplyEvent
+        if kind == "text":
+            event = TextDelta(body["text"])
+        elif kind == "tool_use":
+            event = ToolCall(body["tool_id"], body["name"], body["input"])
+        elif kind == "tool_result":
+            event = ToolOutcome(body["tool_id"], body["name"], body["output"], body["status"])
+        elif kind == "done":
+            event = Done(body["stop_reason"], Usage(*body["usage"]), body["event_count"], body["duration_ms"])
+        elif kind == "error":
+            event = Failure(body["code"], body["message"])
+        else:
+            event = Heartbeat()
+        return cls(record["call"], record["seq"], record["turn"], record["session"], event, record["run"])
+
+
+_KINDS: dict[type, str] = {
+    TextDelta: "text",
+    ToolCall: "tool_use",
+    ToolOutcome: "tool_result",
+    Done: "done",
+    Failure: "error",
+    Heartbeat: "heartbeat",
+}

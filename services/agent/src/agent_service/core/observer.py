@@ -17,7 +17,7 @@ from opentelemetry import trace
 from structlog.typing import FilteringBoundLogger
 
 from agent_service.core.errors import ErrorKind, Fault
-from agent_service.core.events import Done, ReplyEvent, TextDelta, ToolCall, ToolOutcome
+from agent_service.core.events import Done, Heartbeat, ReplyEvent, TextDelta, ToolCall, ToolOutcome
 from agent_service.telemetry.metrics import MethodMetrics
 
 
@@ -90,7 +90,9 @@ class CallObserver:
         self._last_chunk = None
 
     def sent(self, event: ReplyEvent) -> None:
-        """An event is on its way to the client."""
+        """An event is on its way to the client (heartbeats are not events: not counted)."""
+        if type(event) is Heartbeat:
+            return
         now = time.perf_counter()
         self.events += 1
         metrics = self._metrics

@@ -7,6 +7,7 @@ readable INVALID_ARGUMENT message on every door.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,21 @@ from agent_service.settings import Settings
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 SESSION_ID_RULE = "session id must be 1-128 characters of letters, digits, '.', '_' or '-', not starting with '.'"
+
+
+class DisconnectPolicy(enum.Enum):
+    """What happens to an answer whose client goes away: cancelled, or run to its end (resumable)."""
+
+    CANCEL = "cancel"
+    CONTINUE = "continue"
+
+
+class BusyPolicy(enum.Enum):
+    """What a request does when its session is answering another: refused, in line, or interrupting."""
+
+    REJECT = "reject"
+    ENQUEUE = "enqueue"
+    INTERRUPT = "interrupt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +46,16 @@ class ChatInput:
     content: str
     metadata: Mapping[str, str] = field(default_factory=dict)
     session_sources: Mapping[str, str] = field(default_factory=dict)
+    on_disconnect: DisconnectPolicy = DisconnectPolicy.CANCEL
+    if_busy: BusyPolicy = BusyPolicy.REJECT
 
 
 @dataclass(frozen=True, slots=True)
 class ValidRequest:
     content: str
     session_id: str  # "" for a fresh, unpersisted conversation
+    on_disconnect: DisconnectPolicy = DisconnectPolicy.CANCEL
+    if_busy: BusyPolicy = BusyPolicy.REJECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +103,8 @@ def validate(request: ChatInput, limits: RequestLimits) -> ValidRequest:
             )
         _require_unicode("metadata", key)
         _require_unicode("metadata", value)
-    return ValidRequest(content=content, session_id=resolve_session_id(request.session_sources))
+    session_id = resolve_session_id(request.session_sources)
+    return ValidRequest(content, session_id, request.on_disconnect, request.if_busy)
 
 
 def resolve_session_id(sources: Mapping[str, str]) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import functools
 import importlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,8 @@ import structlog
 from strands import Agent
 from strands.types.exceptions import MaxTokensReachedException, StorageError
 
-from agent_service.core.errors import ChatError, ErrorKind, Fault
+from agent_service.core.deadline import Deadline
+from agent_service.core.errors import ChatError, ErrorKind
 from agent_service.core.events import (
     AgentEvent,
     Finished,
@@ -41,9 +42,15 @@ from agent_service.core.events import (
 )
 from agent_service.core.history import close_turn
 from agent_service.core.journal import TurnJournal
+from agent_service.core.requests import BusyPolicy
 from agent_service.core.sessions import Session, SessionRegistry
 from agent_service.store import SessionKey
 
+INTERRUPTED_REASON = "interrupted by a newer message"
+INTERRUPTED = ChatError(
+    ErrorKind.ABORTED, "the answer was interrupted by a newer message on this session (if_busy=INTERRUPT)"
+)
+LEASE_LOST = ChatError(ErrorKind.UNAVAILABLE, "the session's lease in the store was lost mid-answer")
 # Most text deltas, and characters, merged into one event: bounds a message (well under the gRPC
 # message limit) when a slow client falls far behind.
 MAX_COALESCED_DELTAS = 256
@@ -51,23 +58,6 @@ MAX_COALESCED_CHARS = 64 * 1024
 # A provider that hands over buffered chunks never suspends; let other calls (and health
 # checks) run at least this often.
 YIELD_INTERVAL_S = 0.001
-
-
-@dataclass(frozen=True, slots=True)
-class Deadline:
-    """When the answer must end (event-loop time), and whose limit that is."""
-
-    at: float
-    fault: Fault = Fault.CLIENT  # SERVER: the server's own cap, not the client's deadline
-
-    def exceeded(self) -> ChatError:
-        return ChatError(
-            ErrorKind.DEADLINE_EXCEEDED,
-            "the answer did not complete within the deadline"
-            if self.fault is Fault.CLIENT
-            else "the answer did not complete within the server's maximum stream duration",
-            self.fault,
-        )
 
 
 class _End:
@@ -89,7 +79,7 @@ class _Run:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     expired: bool = False
-    lease_lost: bool = False
+    halted: tuple[ChatError, str] | None = None  # stopped from outside: the error, and the history's reason
     partial: list[str] = field(default_factory=list)  # text handed out since the last message boundary
     stop_reason: str = ""
     journal: TurnJournal | None = None
@@ -109,10 +99,12 @@ class _Run:
         self.cancel.set()
         self.queue.put_nowait(_WAKE)
 
-    def lose_lease(self) -> None:
-        self.lease_lost = True
-        self.cancel.set()
-        self.queue.put_nowait(_WAKE)
+    def halt(self, error: ChatError, reason: str) -> None:
+        """Stop the run from outside (interrupted by a newer request, lease lost): it ends with `error`."""
+        if self.halted is None:
+            self.halted = (error, reason)
+            self.cancel.set()
+            self.queue.put_nowait(_WAKE)
 
 
 class AgentRunner:
@@ -130,25 +122,42 @@ class AgentRunner:
         """Runs still being wound down or saved (their sessions are still busy)."""
         return len(self._settling)
 
-    async def run(self, target: Session | SessionKey, prompt: str, deadline: Deadline) -> AsyncIterator[AgentEvent]:
+    async def run(
+        self,
+        target: Session | SessionKey,
+        prompt: str,
+        deadline: Deadline,
+        busy: BusyPolicy = BusyPolicy.REJECT,
+        started: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[AgentEvent]:
         """Yield the events of one answer.
 
         Raises ChatError: ABORTED (before any event) when another caller holds the
-        session; DEADLINE_EXCEEDED when the deadline passes, checked before every
-        event, not queued behind them; UNAVAILABLE or INTERNAL when the provider (or
-        the session store) fails.
+        session and `busy` is REJECT (ENQUEUE waits in line, INTERRUPT stops the other
+        turn first), or later when a newer request interrupts this one; DEADLINE_EXCEEDED
+        when the deadline passes, checked before every event, not queued behind them;
+        UNAVAILABLE or INTERNAL when the provider (or the session store) fails.
+        `started` is awaited once the session is taken, before the agent runs.
         """
-        session = await self._registry.acquire(target)
+        session = await self._registry.acquire(target, busy, deadline)
+        if started is not None:
+            try:
+                await started()
+            except BaseException:
+                await self._registry.release(session)
+                raise
         agent = session.agent
         assert agent is not None
         assert session.retry is not None
         session.retry.start(deadline.at)
         loop = asyncio.get_running_loop()
         run = _Run()
+        session.halt = lambda: run.halt(INTERRUPTED, INTERRUPTED_REASON)
         lease = session.lease
         if lease is not None:
             run.journal = TurnJournal(lease)
-            lease.on_lost(run.lose_lease)
+            lease.on_lost(lambda: run.halt(LEASE_LOST, "the session moved to another server"))
+            lease.on_interrupt(lambda: run.halt(INTERRUPTED, INTERRUPTED_REASON))
         finished: asyncio.Future[None] = loop.create_future()
         producer = loop.create_task(_produce(agent, prompt, run))
         timer = loop.call_at(deadline.at, run.expire)
@@ -163,8 +172,8 @@ class AgentRunner:
                 if run.expired:
                     failure = deadline.exceeded()
                     raise failure
-                if run.lease_lost:
-                    failure = ChatError(ErrorKind.UNAVAILABLE, "the session's lease in the store was lost mid-answer")
+                if run.halted is not None:
+                    failure = run.halted[0]
                     raise failure
                 if item is _END:
                     return
@@ -181,6 +190,7 @@ class AgentRunner:
                 yield item
         finally:
             timer.cancel()
+            session.halt = None
             session.settling = finished
             settle = loop.create_task(self._settle(producer, session, run, _interruption(run, failure), finished))
             self._settling.add(settle)
@@ -233,8 +243,8 @@ def _interruption(run: _Run, failure: ChatError | None) -> str:
     """Why a run that did not complete stopped, as the history's marker says it."""
     if run.expired:
         return "the answer ran out of time"
-    if run.lease_lost:
-        return "the session moved to another server"
+    if run.halted is not None:
+        return run.halted[1]
     if failure is not None:
         return "the model provider failed"
     return "the request was cancelled"

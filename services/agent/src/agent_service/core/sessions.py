@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +32,21 @@ from strands.models import Model
 from strands.session import SnapshotSessionManager
 from strands.types.content import Message
 
+from agent_service.core.deadline import Deadline
 from agent_service.core.errors import ChatError, ErrorKind
 from agent_service.core.history import close_turn, repair
 from agent_service.core.provider_retry import DeadlineAwareRetry
+from agent_service.core.requests import BusyPolicy
 from agent_service.settings import Settings
-from agent_service.store import Lease, SessionKey, SessionStore, StoreUnavailableError
+from agent_service.store import (
+    Lease,
+    QueueFullError,
+    SessionBusyError,
+    SessionKey,
+    SessionStore,
+    StoreUnavailableError,
+    Waiting,
+)
 from agent_service.tools import default_tools
 
 CRASH_REASON = "the server stopped before the answer was complete"
@@ -125,6 +136,8 @@ class Session:
     storage: LeasedStorage | None = None
     busy: bool = False
     settling: asyncio.Future[None] | None = None  # set from the end of an answer until the session is released
+    halt: Callable[[], None] | None = None  # interrupts the turn in progress (set by the runner)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)  # requests in line, first first
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -149,6 +162,7 @@ class SessionRegistry:
         self._factory = factory
         self._store = store
         self._max_sessions = settings.max_sessions
+        self._max_queued = settings.max_queued_per_session
         self._idle_s = settings.session_idle_s
         self._clock = clock
         self._sessions: OrderedDict[SessionKey, Session] = OrderedDict()
@@ -169,21 +183,30 @@ class SessionRegistry:
         """A fresh, unstored conversation that no other call can find."""
         return Session(key=None)
 
-    async def acquire(self, target: Session | SessionKey) -> Session:
+    async def acquire(
+        self, target: Session | SessionKey, busy: BusyPolicy = BusyPolicy.REJECT, deadline: Deadline | None = None
+    ) -> Session:
         """Take the session for one turn, with its history loaded and repaired; pair with `release`.
 
-        Raises ChatError: ABORTED when another caller (here or on another replica) holds
-        it, UNAVAILABLE when the store cannot be used.
+        When another caller (here or on another replica) holds it: REJECT raises
+        ChatError(ABORTED) at once; ENQUEUE waits in line (RESOURCE_EXHAUSTED when
+        `AGENT_MAX_QUEUED_PER_SESSION` wait already) until `deadline`; INTERRUPT stops
+        that turn, then waits for it to wind down. UNAVAILABLE when the store cannot be used.
         """
         session = self._lookup(target) if isinstance(target, SessionKey) else target
         if session.busy and session.settling is not None:
             await asyncio.shield(session.settling)  # the last answer is complete; its run is winding down
         if session.busy:
-            raise ChatError(
-                ErrorKind.ABORTED,
-                f"session {session.session_id!r} is busy answering another request; retry when it completes",
-            )
-        session.busy = True
+            if busy is BusyPolicy.REJECT:
+                raise ChatError(
+                    ErrorKind.ABORTED,
+                    f"session {session.session_id!r} is busy answering another request; retry when it completes",
+                )
+            if busy is BusyPolicy.INTERRUPT and session.halt is not None:
+                session.halt()
+            await self._wait_in_line(session, deadline)  # handed the session (still busy) by `release`
+        else:
+            session.busy = True
         try:
             if session.key is None:
                 if session.agent is None:
@@ -191,7 +214,7 @@ class SessionRegistry:
                 return session
             if session.storage is None:
                 session.storage = LeasedStorage(session.key)
-            session.storage.lease = await self._store.lease(session.key)
+            session.storage.lease = await self._lease(session.key, busy, deadline)
             try:
                 if session.agent is None:
                     session.agent, session.retry, session.manager = self._factory.create(session.storage)
@@ -205,13 +228,53 @@ class SessionRegistry:
         return session
 
     async def release(self, session: Session) -> None:
-        """The turn is over: give back the lease; the session may serve the next caller."""
+        """The turn is over: give back the lease; the next request in line (or any caller) gets the session."""
         try:
             await self._drop_lease(session)
         finally:
-            session.busy = False
             session.settling = None
             session.last_used = self._clock()
+            while session.waiters:
+                waiter = session.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # handed over: the session stays busy for it
+                    break
+            else:
+                session.busy = False
+
+    async def _wait_in_line(self, session: Session, deadline: Deadline | None) -> None:
+        if len(session.waiters) >= self._max_queued:
+            assert session.key is not None
+            raise QueueFullError(session.key, self._max_queued)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        session.waiters.append(waiter)
+        try:
+            timeout = None if deadline is None else max(0.0, deadline.at - asyncio.get_running_loop().time())
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            raise deadline.exceeded() if deadline is not None else ChatError(ErrorKind.ABORTED, "gave up") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                await self.release(session)  # handed over as we left: pass it on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                session.waiters.remove(waiter)
+
+    async def _lease(self, key: SessionKey, busy: BusyPolicy, deadline: Deadline | None) -> Lease:
+        """The store's lease, following the busy policy when another process holds the session."""
+        if busy is BusyPolicy.REJECT or deadline is None:
+            return await self._store.lease(key)
+        waiting = Waiting(deadline.at, self._max_queued)
+        try:
+            return await self._store.lease(key)
+        except SessionBusyError:
+            if busy is BusyPolicy.INTERRUPT:
+                await self._store.interrupt(key)
+        try:
+            return await self._store.lease(key, waiting)
+        except SessionBusyError:
+            raise deadline.exceeded() from None
 
     async def _load(self, session: Session) -> None:
         """The stored history into the agent: another replica may have answered since; close a crashed turn."""

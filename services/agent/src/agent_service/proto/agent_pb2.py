@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gent_service/proto/agent.proto\x12\x05\x61gent\x1a\x1cgoogle/api/annotations.proto\"\x97\x01\n\x0b\x43hatRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x32\n\x08metadata\x18\x02 \x03(\x0b\x32 .agent.ChatRequest.MetadataEntry\x12\x12\n\nsession_id\x18\x03 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x02\n\x0c\x43hatResponse\x12&\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x13.agent.ContentChunkH\x00\x12\"\n\x08tool_use\x18\x02 \x01(\x0b\x32\x0e.agent.ToolUseH\x00\x12(\n\x0btool_result\x18\x03 \x01(\x0b\x32\x11.agent.ToolResultH\x00\x12\x1d\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0c.agent.ErrorH\x00\x12\x1b\n\x04\x64one\x18\x06 \x01(\x0b\x32\x0b.agent.DoneH\x00\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x0c\n\x04turn\x18\t \x01(\rB\n\n\x08response\"\x1c\n\x0c\x43ontentChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"<\n\x07ToolUse\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x0f\n\x07tool_id\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\"P\n\nToolResult\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"b\n\x04\x44one\x12\x13\n\x0bstop_reason\x18\x01 \x01(\t\x12\x1b\n\x05usage\x18\x02 \x01(\x0b\x32\x0c.agent.Usage\x12\x13\n\x0b\x65vent_count\x18\x03 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x04\x32\xa5\x01\n\x0c\x41gentService\x12S\n\nStreamChat\x12\x12.agent.ChatRequest\x1a\x13.agent.ChatResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/chat:stream:\x01*0\x01\x12@\n\x11\x42idirectionalChat\x12\x12.agent.ChatRequest\x1a\x13.agent.ChatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gent_service/proto/agent.proto\x12\x05\x61gent\x1a\x1cgoogle/api/annotations.proto\"7\n\rResumeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\xeb\x01\n\x0b\x43hatRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x32\n\x08metadata\x18\x02 \x03(\x0b\x32 .agent.ChatRequest.MetadataEntry\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12.\n\ron_disconnect\x18\x04 \x01(\x0e\x32\x17.agent.DisconnectPolicy\x12\"\n\x07if_busy\x18\x05 \x01(\x0e\x32\x11.agent.BusyPolicy\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x02\n\x0c\x43hatResponse\x12&\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x13.agent.ContentChunkH\x00\x12\"\n\x08tool_use\x18\x02 \x01(\x0b\x32\x0e.agent.ToolUseH\x00\x12(\n\x0btool_result\x18\x03 \x01(\x0b\x32\x11.agent.ToolResultH\x00\x12\x1d\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0c.agent.ErrorH\x00\x12\x1b\n\x04\x64one\x18\x06 \x01(\x0b\x32\x0b.agent.DoneH\x00\x12%\n\theartbeat\x18\x0b \x01(\x0b\x32\x10.agent.HeartbeatH\x00\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x0c\n\x04turn\x18\t \x01(\r\x12\x0e\n\x06run_id\x18\n \x01(\tB\n\n\x08response\"\x1c\n\x0c\x43ontentChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"<\n\x07ToolUse\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x0f\n\x07tool_id\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\"P\n\nToolResult\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"b\n\x04\x44one\x12\x13\n\x0bstop_reason\x18\x01 \x01(\t\x12\x1b\n\x05usage\x18\x02 \x01(\x0b\x32\x0c.agent.Usage\x12\x13\n\x0b\x65vent_count\x18\x03 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x04*,\n\x10\x44isconnectPolicy\x12\n\n\x06\x43\x41NCEL\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01*4\n\nBusyPolicy\x12\n\n\x06REJECT\x10\x00\x12\x0b\n\x07\x45NQUEUE\x10\x01\x12\r\n\tINTERRUPT\x10\x02\x32\x84\x02\n\x0c\x41gentService\x12S\n\nStreamChat\x12\x12.agent.ChatRequest\x1a\x13.agent.ChatResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/chat:stream:\x01*0\x01\x12@\n\x11\x42idirectionalChat\x12\x12.agent.ChatRequest\x1a\x13.agent.ChatResponse(\x01\x30\x01\x12]\n\x0cResumeStream\x12\x14.agent.ResumeRequest\x1a\x13.agent.ChatResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/runs/{run_id}/events0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_AGENTSERVICE'].methods_by_name['StreamChat']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['StreamChat']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/chat:stream:\001*'
-  _globals['_CHATREQUEST']._serialized_start=73
-  _globals['_CHATREQUEST']._serialized_end=224
-  _globals['_CHATREQUEST_METADATAENTRY']._serialized_start=177
-  _globals['_CHATREQUEST_METADATAENTRY']._serialized_end=224
-  _globals['_CHATRESPONSE']._serialized_start=227
-  _globals['_CHATRESPONSE']._serialized_end=501
-  _globals['_CONTENTCHUNK']._serialized_start=503
-  _globals['_CONTENTCHUNK']._serialized_end=531
-  _globals['_TOOLUSE']._serialized_start=533
-  _globals['_TOOLUSE']._serialized_end=593
-  _globals['_TOOLRESULT']._serialized_start=595
-  _globals['_TOOLRESULT']._serialized_end=675
-  _globals['_ERROR']._serialized_start=677
-  _globals['_ERROR']._serialized_end=715
-  _globals['_DONE']._serialized_start=717
-  _globals['_DONE']._serialized_end=815
-  _globals['_USAGE']._serialized_start=817
-  _globals['_USAGE']._serialized_end=891
-  _globals['_AGENTSERVICE']._serialized_start=894
-  _globals['_AGENTSERVICE']._serialized_end=1059
+  _globals['_AGENTSERVICE'].methods_by_name['ResumeStream']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['ResumeStream']._serialized_options = b'\202\323\344\223\002\032\022\030/v1/runs/{run_id}/events'
+  _globals['_DISCONNECTPOLICY']._serialized_start=1120
+  _globals['_DISCONNECTPOLICY']._serialized_end=1164
+  _globals['_BUSYPOLICY']._serialized_start=1166
+  _globals['_BUSYPOLICY']._serialized_end=1218
+  _globals['_RESUMEREQUEST']._serialized_start=72
+  _globals['_RESUMEREQUEST']._serialized_end=127
+  _globals['_CHATREQUEST']._serialized_start=130
+  _globals['_CHATREQUEST']._serialized_end=365
+  _globals['_CHATREQUEST_METADATAENTRY']._serialized_start=318
+  _globals['_CHATREQUEST_METADATAENTRY']._serialized_end=365
+  _globals['_CHATRESPONSE']._serialized_start=368
+  _globals['_CHATRESPONSE']._serialized_end=697
+  _globals['_CONTENTCHUNK']._serialized_start=699
+  _globals['_CONTENTCHUNK']._serialized_end=727
+  _globals['_TOOLUSE']._serialized_start=729
+  _globals['_TOOLUSE']._serialized_end=789
+  _globals['_TOOLRESULT']._serialized_start=791
+  _globals['_TOOLRESULT']._serialized_end=871
+  _globals['_ERROR']._serialized_start=873
+  _globals['_ERROR']._serialized_end=911
+  _globals['_DONE']._serialized_start=913
+  _globals['_DONE']._serialized_end=1011
+  _globals['_HEARTBEAT']._serialized_start=1013
+  _globals['_HEARTBEAT']._serialized_end=1042
+  _globals['_USAGE']._serialized_start=1044
+  _globals['_USAGE']._serialized_end=1118
+  _globals['_AGENTSERVICE']._serialized_start=1221
+  _globals['_AGENTSERVICE']._serialized_end=1481
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,11 @@ class AgentServiceStub:
                 request_serializer=agent__service_dot_proto_dot_agent__pb2.ChatRequest.SerializeToString,
                 response_deserializer=agent__service_dot_proto_dot_agent__pb2.ChatResponse.FromString,
                 _registered_method=True)
+        self.ResumeStream = channel.unary_stream(
+                '/agent.AgentService/ResumeStream',
+                request_serializer=agent__service_dot_proto_dot_agent__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=agent__service_dot_proto_dot_agent__pb2.ChatResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -69,6 +74,17 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeStream(self, request, context):
+        """The events of a run after `after_sequence` that the caller missed, then
+        its live events until it ends: exactly once, in order, from any replica.
+        Only the run's owner may resume it; an unknown or expired run is
+        NOT_FOUND. Over HTTP: GET /v1/runs/{run_id}/events (Server-Sent Events;
+        a Last-Event-ID header sets after_sequence).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +96,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'BidirectionalChat': grpc.stream_stream_rpc_method_handler(
                     servicer.BidirectionalChat,
                     request_deserializer=agent__service_dot_proto_dot_agent__pb2.ChatRequest.FromString,
+                    response_serializer=agent__service_dot_proto_dot_agent__pb2.ChatResponse.SerializeToString,
+            ),
+            'ResumeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeStream,
+                    request_deserializer=agent__service_dot_proto_dot_agent__pb2.ResumeRequest.FromString,
                     response_serializer=agent__service_dot_proto_dot_agent__pb2.ChatResponse.SerializeToString,
             ),
     }
@@ -137,6 +158,33 @@ class AgentService:
             target,
             '/agent.AgentService/BidirectionalChat',
             agent__service_dot_proto_dot_agent__pb2.ChatRequest.SerializeToString,
+            agent__service_dot_proto_dot_agent__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agent.AgentService/ResumeStream',
+            agent__service_dot_proto_dot_agent__pb2.ResumeRequest.SerializeToString,
             agent__service_dot_proto_dot_agent__pb2.ChatResponse.FromString,
             options,
             channel_credentials,

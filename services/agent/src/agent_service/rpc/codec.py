@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from google.protobuf.message import DecodeError
 
 from agent_service.core import ChatError, ChatInput, ErrorKind
-from agent_service.core.events import Done, Failure, Reply, TextDelta, ToolCall, ToolOutcome
+from agent_service.core.events import Done, Failure, Heartbeat, Reply, TextDelta, ToolCall, ToolOutcome
+from agent_service.core.requests import BusyPolicy, DisconnectPolicy
 from agent_service.proto import agent_pb2
 
 SESSION_METADATA_KEY = "session_id"
@@ -38,7 +39,30 @@ def decode_request(data: bytes, header_session_id: str) -> ChatInput | ChatError
             f"metadata[{SESSION_METADATA_KEY!r}]": metadata.get(SESSION_METADATA_KEY, ""),
             f"the {SESSION_HEADER} header": header_session_id,
         },
+        on_disconnect=_DISCONNECT.get(request.on_disconnect, DisconnectPolicy.CANCEL),
+        if_busy=_BUSY.get(request.if_busy, BusyPolicy.REJECT),
     )
+
+
+def decode_resume(data: bytes) -> tuple[str, int] | ChatError:
+    """A ResumeRequest's run id and sequence, or the INVALID_ARGUMENT error saying what is wrong."""
+    try:
+        request = agent_pb2.ResumeRequest.FromString(data)
+    except DecodeError as exc:
+        reason = str(exc).strip() or "malformed message"
+        return ChatError(ErrorKind.INVALID_ARGUMENT, f"the request is not a valid agent.ResumeRequest: {reason[:200]}")
+    if not request.run_id:
+        return ChatError(ErrorKind.INVALID_ARGUMENT, "run_id must not be empty")
+    return request.run_id, request.after_sequence
+
+
+# Unknown enum numbers (from a newer client) fall back to the default behaviour.
+_DISCONNECT = {agent_pb2.CANCEL: DisconnectPolicy.CANCEL, agent_pb2.CONTINUE: DisconnectPolicy.CONTINUE}
+_BUSY = {
+    agent_pb2.REJECT: BusyPolicy.REJECT,
+    agent_pb2.ENQUEUE: BusyPolicy.ENQUEUE,
+    agent_pb2.INTERRUPT: BusyPolicy.INTERRUPT,
+}
 
 
 def header_session_id(invocation_metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -57,7 +81,11 @@ def header(invocation_metadata: Iterable[tuple[str, str | bytes]] | None, name: 
 def encode(reply: Reply) -> bytes:
     """One reply as a serialized ChatResponse."""
     response = agent_pb2.ChatResponse(
-        event_id=reply.event_id, sequence=reply.sequence, session_id=reply.session_id, turn=reply.turn
+        event_id=reply.event_id,
+        sequence=reply.sequence,
+        session_id=reply.session_id,
+        turn=reply.turn,
+        run_id=reply.run_id,
     )
     event = reply.event
     if type(event) is TextDelta:
@@ -82,4 +110,6 @@ def encode(reply: Reply) -> bytes:
     elif isinstance(event, Failure):
         response.error.code = event.code
         response.error.message = event.message
+    elif isinstance(event, Heartbeat):
+        response.heartbeat.sequence = reply.sequence
     return response.SerializeToString()

@@ -22,6 +22,8 @@ from agent_service.proto import agent_pb2
 from agent_service.rpc import codec
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+# Response metadata of StreamChat: the run id, sent before the first event (for ResumeStream).
+RUN_HEADER = "x-run-id"
 # grpc.aio reports "no deadline" as a time remaining far in the future.
 _NO_DEADLINE_S = 1e8
 # How long ending a call may wait for its status to be queued: it waits behind a write the
@@ -42,6 +44,7 @@ class AgentServicer:
             {
                 "StreamChat": grpc.unary_stream_rpc_method_handler(self.stream_chat),
                 "BidirectionalChat": grpc.stream_stream_rpc_method_handler(self.bidirectional_chat),
+                "ResumeStream": grpc.unary_stream_rpc_method_handler(self.resume_stream),
             },
         )
 
@@ -50,7 +53,20 @@ class AgentServicer:
         metadata = context.invocation_metadata()
         call = self._core.call("StreamChat", context.peer(), _client_timeout(context), _authorization(metadata))
         header_session = codec.header_session_id(metadata)
+
+        async def announce(run_id: str) -> None:  # the run id before the first token
+            await context.send_initial_metadata(((RUN_HEADER, run_id),))
+
+        call.run_started = announce
         await _serve(call, context, call.answer(codec.decode_request(request, header_session)))
+        return
+        yield b""  # pragma: no cover - makes this an async generator (see the module docstring)
+
+    async def resume_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """A run's events after a sequence, then its live ones."""
+        metadata = context.invocation_metadata()
+        call = self._core.call("ResumeStream", context.peer(), _client_timeout(context), _authorization(metadata))
+        await _serve(call, context, _resumed(call, codec.decode_resume(request)))
         return
         yield b""  # pragma: no cover - makes this an async generator (see the module docstring)
 
@@ -93,6 +109,13 @@ async def _abort(context: grpc.aio.ServicerContext, error: ChatError) -> None:
     code = grpc.StatusCode[error.kind.wire.grpc_name]
     with contextlib.suppress(TimeoutError):  # the status is queued behind data the client has not read
         await asyncio.wait_for(context.abort(code, error.message), _ABORT_WAIT_S)
+
+
+async def _resumed(call: ChatCall, decoded: tuple[str, int] | ChatError) -> AsyncIterator[Reply]:
+    if isinstance(decoded, ChatError):
+        raise decoded
+    async for reply in call.resume(*decoded):
+        yield reply
 
 
 async def _decoded(requests: AsyncIterable[bytes], header_session: str) -> AsyncIterator[ChatInput | ChatError]:

@@ -10,10 +10,14 @@ from agent_service.settings import Settings
 from agent_service.store.base import (
     ANONYMOUS,
     Lease,
+    QueueFullError,
+    RunLog,
+    RunNotFoundError,
     SessionBusyError,
     SessionKey,
     SessionStore,
     StoreUnavailableError,
+    Waiting,
 )
 from agent_service.store.files import FileStore
 from agent_service.store.redis_store import RedisStore
@@ -30,10 +34,14 @@ __all__ = [
     "ANONYMOUS",
     "FileStore",
     "Lease",
+    "QueueFullError",
     "RedisStore",
+    "RunLog",
+    "RunNotFoundError",
     "SessionBusyError",
     "SessionKey",
     "SessionStore",
     "StoreUnavailableError",
+    "Waiting",
     "open_store",
 ]

@@ -15,9 +15,9 @@ import builtins
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from agent_service.core.errors import ChatError, ErrorKind
+from agent_service.core.errors import ChatError, ErrorKind, Fault
 
 ANONYMOUS = "anonymous"
 # A turn that just ended releases its lease a moment after its last event: a follow-up that
@@ -88,16 +88,85 @@ class Lease(Protocol):
         """Call `callback` (once) if the lease cannot be kept while it is held."""
         ...
 
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (once) if another request asks the holder to stop its turn (`interrupt`)."""
+        ...
+
     async def release(self) -> None: ...
 
 
+class QueueFullError(ChatError):
+    """Too many requests already wait for this session: RESOURCE_EXHAUSTED, the client's doing."""
+
+    def __init__(self, key: SessionKey, limit: int) -> None:
+        super().__init__(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            f"{limit} requests already wait for session {key.session_id!r}; retry later",
+            Fault.CLIENT,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """How a request that finds its session busy waits (`if_busy=ENQUEUE`): in line, until `until`."""
+
+    until: float  # event-loop time
+    queue_limit: int
+
+
+class RunNotFoundError(ChatError):
+    """No such run for this caller (unknown, expired, or someone else's: the same answer for all three)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(ErrorKind.NOT_FOUND, f"run {run_id!r} was not found (unknown, expired or not yours)")
+
+
+class RunLog(Protocol):
+    """The events of recent runs, kept for resuming; records are JSON-able dicts with a `seq`."""
+
+    async def start(self, run_id: str, owner: str, ttl_s: float) -> None:
+        """A run begins: it is kept at least `ttl_s` (its longest possible life plus the retention)."""
+        ...
+
+    async def append(self, run_id: str, records: list[dict[str, Any]]) -> None: ...
+
+    async def end(self, run_id: str, retention_s: float) -> None:
+        """The run is over: readers see its end, and it is forgotten `retention_s` later."""
+        ...
+
+    async def owner(self, run_id: str) -> str | None:
+        """Whose run it is; None when unknown or expired."""
+        ...
+
+    async def read(self, run_id: str, after: int, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        """Records with `seq` > `after` (waiting up to `wait_s` for the first), and whether the run has ended.
+
+        Raises ChatError(OUT_OF_RANGE) when records after `after` were already trimmed.
+        """
+        ...
+
+
 class SessionStore(Protocol):
-    """Where conversations live: local files (one machine) or Redis (any replica)."""
+    """Where conversations live: local files (one machine) or Redis (any replica).
+
+    It also keeps each run's events for a while after the run ends (`AGENT_RUN_RETENTION_S`),
+    so a caller whose connection dropped resumes from any replica (`RunLog`).
+    """
 
     name: str
 
-    async def lease(self, key: SessionKey) -> Lease:
-        """Take the session's lease, or raise SessionBusyError / StoreUnavailableError."""
+    @property
+    def runs(self) -> RunLog: ...
+
+    async def lease(self, key: SessionKey, waiting: Waiting | None = None) -> Lease:
+        """Take the session's lease; busy: raise SessionBusyError at once, or wait in line (`waiting`).
+
+        Raises QueueFullError when the line is full, StoreUnavailableError when the store fails.
+        """
+        ...
+
+    async def interrupt(self, key: SessionKey) -> None:
+        """Ask whoever holds the session (in any process) to stop its turn now."""
         ...
 
     async def check(self) -> None:

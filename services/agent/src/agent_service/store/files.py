@@ -33,13 +33,17 @@ from agent_service.store.base import (
     ANONYMOUS,
     BUSY_POLL_S,
     BUSY_WAIT_S,
+    QueueFullError,
     SessionBusyError,
     SessionKey,
     StoreUnavailableError,
+    Waiting,
 )
+from agent_service.store.file_runs import FileRunLog
 
 JOURNAL = "journal.json"
 LEGACY_AGENT_ID = "default"
+INTERRUPT_POLL_S = 0.1
 
 
 class FileLease:
@@ -51,6 +55,8 @@ class FileLease:
         self._storage = LocalFileStorage(str(root))
         self._journal = f"session/{key.session_id}/{JOURNAL}"
         self._data_dir = data_dir
+        self._interrupt_marker = interrupt_marker(root, key)
+        self._watcher: asyncio.Task[None] | None = None
 
     def _held(self) -> LocalFileStorage:
         if self._fd is None:
@@ -82,6 +88,19 @@ class FileLease:
     def on_lost(self, callback: Callable[[], None]) -> None:
         """A flock is held until released or the process dies: it is never lost while held."""
 
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        """Watch for another process's interrupt marker (polled: the files store is for one machine)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._interrupt_marker.unlink()  # an old request that nobody answered
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_interrupt(callback))
+
+    async def _watch_interrupt(self, callback: Callable[[], None]) -> None:
+        while not self._interrupt_marker.exists():  # noqa: ASYNC110 - another process's file: nothing to wait on
+            await asyncio.sleep(INTERRUPT_POLL_S)
+        with contextlib.suppress(FileNotFoundError):
+            self._interrupt_marker.unlink()
+        callback()
+
     async def legacy_messages(self) -> builtins.list[Message] | None:
         """The history of this session in the earlier FileSessionManager layout, if there is one."""
         if self.key.principal != ANONYMOUS or not (self._data_dir / f"session_{self.key.session_id}").is_dir():
@@ -89,6 +108,8 @@ class FileLease:
         return await asyncio.to_thread(_read_legacy, self._data_dir, self.key.session_id)
 
     async def release(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
@@ -101,8 +122,11 @@ class FileStore:
 
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
+        self.runs = FileRunLog(data_dir / "runs")
+        self._waiting: dict[SessionKey, int] = {}
 
-    async def lease(self, key: SessionKey) -> FileLease:
+    async def lease(self, key: SessionKey, waiting: Waiting | None = None) -> FileLease:
+        """The session's flock; waiting in line polls it (in arrival order within this process only)."""
         root = self._data_dir / key.owner
         lock_path = root / "locks" / f"{key.session_id}.lock"
         try:
@@ -111,19 +135,41 @@ class FileStore:
         except OSError as exc:
             raise StoreUnavailableError(f"cannot open {lock_path.name}: {exc.strerror}") from exc
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + BUSY_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return FileLease(key, root, fd, self._data_dir)
-            except BlockingIOError:
-                if loop.time() >= give_up:
-                    os.close(fd)
-                    raise SessionBusyError(key) from None
-            except OSError as exc:
+        give_up = loop.time() + BUSY_WAIT_S if waiting is None else waiting.until
+        queued = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    lease = FileLease(key, root, fd, self._data_dir)
+                    fd = -1
+                    return lease
+                except BlockingIOError:
+                    if loop.time() >= give_up:
+                        raise SessionBusyError(key) from None
+                except OSError as exc:
+                    raise StoreUnavailableError(f"cannot lock {lock_path.name}: {exc.strerror}") from exc
+                if waiting is not None and not queued:
+                    if self._waiting.get(key, 0) >= waiting.queue_limit:
+                        raise QueueFullError(key, waiting.queue_limit)
+                    self._waiting[key] = self._waiting.get(key, 0) + 1
+                    queued = True
+                await asyncio.sleep(BUSY_POLL_S)
+        finally:
+            if fd >= 0:
                 os.close(fd)
-                raise StoreUnavailableError(f"cannot lock {lock_path.name}: {exc.strerror}") from exc
-            await asyncio.sleep(BUSY_POLL_S)
+            if queued:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+
+    async def interrupt(self, key: SessionKey) -> None:
+        marker = interrupt_marker(self._data_dir / key.owner, key)
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(b"interrupt")
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot write {marker.name}: {exc.strerror}") from exc
 
     async def check(self) -> None:
         try:
@@ -135,7 +181,11 @@ class FileStore:
             raise StoreUnavailableError(f"{self._data_dir} is not writable: {exc.strerror}") from exc
 
     async def aclose(self) -> None:
-        return None
+        await self.runs.aclose()
+
+
+def interrupt_marker(root: Path, key: SessionKey) -> Path:
+    return root / "locks" / f"{key.session_id}.interrupt"
 
 
 def _read_legacy(data_dir: Path, session_id: str) -> list[Message]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -27,17 +28,45 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from strands.types.content import Message
 
-from agent_service.store.base import BUSY_POLL_S, BUSY_WAIT_S, SessionBusyError, SessionKey, StoreUnavailableError
+from agent_service.store.base import (
+    BUSY_POLL_S,
+    BUSY_WAIT_S,
+    QueueFullError,
+    SessionBusyError,
+    SessionKey,
+    StoreUnavailableError,
+    Waiting,
+)
+from agent_service.store.redis_runs import RedisRunLog
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 0.5
 OPERATION_TIMEOUT_S = 2.0
 
+# KEYS: lease, fence, queue; ARGV: lease ms, waiter id, enqueue (0/1), queue limit, waiter key prefix, waiter ms.
+# The queue is a sorted set of waiters by arrival; a waiter's liveness key expires unless it keeps
+# polling, so a waiter that crashed leaves the line instead of blocking it. Returns the fencing
+# token, 0 (busy: refused, or still in line), or -1 (the line is full).
 _ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
-return token
+local queue = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, waiter in ipairs(queue) do
+  if redis.call('EXISTS', ARGV[5] .. waiter) == 0 then redis.call('ZREM', KEYS[3], waiter) end
+end
+local first = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+if redis.call('EXISTS', KEYS[1]) == 0 and (not first or first == ARGV[2]) then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  redis.call('DEL', ARGV[5] .. ARGV[2])
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+  return token
+end
+if ARGV[3] == '0' then return 0 end
+if not redis.call('ZSCORE', KEYS[3], ARGV[2]) then
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return -1 end
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[3] .. ':arrivals'), ARGV[2])
+end
+redis.call('SET', ARGV[5] .. ARGV[2], 1, 'PX', ARGV[6])
+return 0
 """
 # Every script below starts by checking that the caller still holds the lease. A lease may
 # lapse while its holder is alive but stalled (a long pause of its event loop): as long as
@@ -78,12 +107,13 @@ class RedisLease:
         self.key = key
         self._store = store
         self._token = token
-        self._prefix = f"agent:{{{key.owner}/{key.session_id}}}:"
+        self._prefix = session_prefix(key)
         self._lease_key = self._prefix + "lease"
         self._fence_key = self._prefix + "fence"
         self._lease_ms = int(lease_s * 1000)
         self._held = True
         self._lost_callbacks: builtins.list[Callable[[], None]] = []
+        self._stop_watching: Callable[[], None] | None = None
         self._renewal = asyncio.get_running_loop().create_task(self._renew_forever(lease_s / 3))
 
     async def write(self, key: str, data: bytes) -> None:
@@ -120,11 +150,16 @@ class RedisLease:
     def on_lost(self, callback: Callable[[], None]) -> None:
         self._lost_callbacks.append(callback)
 
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        self._stop_watching = self._store.watch_interrupt(self.key, callback)
+
     async def release(self) -> None:
         if not self._held:
             return
         self._held = False
         self._renewal.cancel()
+        if self._stop_watching is not None:
+            self._stop_watching()
         with contextlib.suppress(StoreUnavailableError):  # unreachable: the lease expires by itself
             await self._store.call(lambda client: client.eval(_RELEASE, 1, self._lease_key, self._token))
 
@@ -173,19 +208,77 @@ class RedisStore:
         self._url = url
         self._lease_s = lease_s
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._interrupt_callbacks: dict[str, builtins.list[Callable[[], None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self.runs = RedisRunLog(self)
 
-    async def lease(self, key: SessionKey) -> RedisLease:
-        prefix = f"agent:{{{key.owner}/{key.session_id}}}:"
+    async def lease(self, key: SessionKey, waiting: Waiting | None = None) -> RedisLease:
+        """The session's lease; waiting in line keeps arrival order across every replica."""
+        prefix = session_prefix(key)
         ttl_ms = int(self._lease_s * 1000)
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + BUSY_WAIT_S
+        give_up = loop.time() + BUSY_WAIT_S if waiting is None else waiting.until
+        waiter = uuid.uuid4().hex
+        limit = 0 if waiting is None else waiting.queue_limit
+        keys = (prefix + "lease", prefix + "fence", prefix + "queue")
+        enqueue = "0" if waiting is None else "1"
+        liveness_ms = int(max(1.0, BUSY_POLL_S * 50) * 1000)
         while True:
-            token = await self.call(lambda client: client.eval(_ACQUIRE, 2, prefix + "lease", prefix + "fence", ttl_ms))
+            token = await self.call(
+                lambda client: client.eval(
+                    _ACQUIRE, 3, *keys, ttl_ms, waiter, enqueue, limit, prefix + "waiter:", liveness_ms
+                )
+            )
+            if token == -1:
+                raise QueueFullError(key, limit)
             if token:
                 return RedisLease(self, key, str(token), self._lease_s)
             if loop.time() >= give_up:
                 raise SessionBusyError(key)
             await asyncio.sleep(BUSY_POLL_S)
+
+    async def interrupt(self, key: SessionKey) -> None:
+        await self.call(lambda client: client.publish(session_prefix(key) + "interrupt", b"1"))
+
+    def watch_interrupt(self, key: SessionKey, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when an interrupt for `key` is published; returns the function that stops watching."""
+        channel = session_prefix(key) + "interrupt"
+        self._interrupt_callbacks.setdefault(channel, []).append(callback)
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
+
+        def stop() -> None:
+            callbacks = self._interrupt_callbacks.get(channel, [])
+            with contextlib.suppress(ValueError):
+                callbacks.remove(callback)
+            if not callbacks:
+                self._interrupt_callbacks.pop(channel, None)
+
+        return stop
+
+    async def _listen_forever(self) -> None:
+        """One pattern subscription per process for every session's interrupts (reconnecting on failure)."""
+        while True:
+            # Its own client: a subscription waits for messages indefinitely, past the operation timeout.
+            client = aioredis.Redis.from_url(
+                self._url, socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+            )
+            pubsub = client.pubsub()
+            try:
+                await pubsub.psubscribe("agent:*:interrupt")
+                async for message in pubsub.listen():
+                    if message.get("type") != "pmessage":
+                        continue
+                    channel = message["channel"]
+                    channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+                    for callback in self._interrupt_callbacks.pop(channel, []):
+                        callback()
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await client.aclose()
 
     async def check(self) -> None:
         await self.call(lambda client: client.ping())
@@ -210,9 +303,18 @@ class RedisStore:
         return client
 
     async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()
+
+
+def session_prefix(key: SessionKey) -> str:
+    """Every key of a session shares one hash tag (one Redis Cluster slot)."""
+    return f"agent:{{{key.owner}/{key.session_id}}}:"
 
 
 def _bytes(value: bytes | str | None) -> bytes | None:

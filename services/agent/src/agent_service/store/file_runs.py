@@ -1,0 +1,116 @@
+"""Run event logs as files, for the embedded store: `<data_dir>/runs/<run id>.jsonl` and `.json`.
+
+One writer per run (the process running it) appends JSON lines; readers in any
+process on the machine follow the file, polling for growth. The meta file records
+the owner and when the run is forgotten; expired runs are swept now and then.
+Process-crash safe (appends and an atomic meta rename), not power-loss durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from agent_service.store.base import StoreUnavailableError
+
+POLL_S = 0.05
+SWEEP_EVERY_S = 60.0
+END = "end"
+
+
+class FileRunLog:
+    """`RunLog` over a directory of JSON-lines files."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._last_sweep = 0.0
+
+    def _events(self, run_id: str) -> Path:
+        return self._directory / f"{run_id}.jsonl"
+
+    def _meta(self, run_id: str) -> Path:
+        return self._directory / f"{run_id}.json"
+
+    async def start(self, run_id: str, owner: str, ttl_s: float) -> None:
+        self._sweep()
+        self._write_meta(run_id, {"owner": owner, "expires": time.time() + ttl_s})
+
+    async def append(self, run_id: str, records: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode()
+        try:
+            with self._events(run_id).open("ab") as events:
+                events.write(data)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot append to run {run_id}: {exc.strerror}") from exc
+
+    async def end(self, run_id: str, retention_s: float) -> None:
+        await self.append(run_id, [{END: True}])
+        meta = self._read_meta(run_id)
+        if meta is not None:
+            self._write_meta(run_id, {**meta, "expires": time.time() + retention_s})
+
+    async def owner(self, run_id: str) -> str | None:
+        meta = self._read_meta(run_id)
+        if meta is None or meta["expires"] < time.time():
+            return None
+        return str(meta["owner"])
+
+    async def read(self, run_id: str, after: int, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            records, ended = self._read_all(run_id, after)
+            if records or ended or time.monotonic() >= deadline:
+                return records, ended
+            await asyncio.sleep(POLL_S)
+
+    async def aclose(self) -> None:
+        return None
+
+    def _read_all(self, run_id: str, after: int) -> tuple[list[dict[str, Any]], bool]:
+        try:
+            lines = self._events(run_id).read_bytes().splitlines()
+        except FileNotFoundError:
+            return [], False
+        records: list[dict[str, Any]] = []
+        ended = False
+        for line in lines:
+            with contextlib.suppress(ValueError):  # a line being written right now
+                record = json.loads(line)
+                if record.get(END):
+                    ended = True
+                elif record["seq"] > after:
+                    records.append(record)
+        return records, ended
+
+    def _read_meta(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self._meta(run_id).read_bytes()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_meta(self, run_id: str, meta: dict[str, Any]) -> None:
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            temporary = self._meta(run_id).with_suffix(".tmp")
+            temporary.write_text(json.dumps(meta))
+            os.replace(temporary, self._meta(run_id))
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot record run {run_id}: {exc.strerror}") from exc
+
+    def _sweep(self) -> None:
+        """Forget runs whose retention has passed (at most once a minute)."""
+        now = time.time()
+        if now - self._last_sweep < SWEEP_EVERY_S:
+            return
+        self._last_sweep = now
+        with contextlib.suppress(OSError):
+            for meta in self._directory.glob("*.json"):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    if json.loads(meta.read_bytes())["expires"] < now:
+                        meta.with_suffix(".jsonl").unlink(missing_ok=True)
+                        meta.unlink()
