@@ -147,12 +147,15 @@ def test_the_seed_notebooks_loop_prints_only_the_answer(served: Served) -> None:
 def test_typed_event_shapes(served: Served) -> None:
     events = typed(served.url, "what is 6*7?")
     tool_use, tool_result, *text, done = events
+    run_id = tool_use["run_id"]
+    assert run_id and {event["run_id"] for event in events} == {run_id}
     assert tool_use == {
         "type": "tool_use",
         "tool_use_id": tool_use["tool_use_id"],
         "name": "calculator",
         "input": {"expression": "6*7"},
         "sequence": 1,
+        "run_id": run_id,
     }
     assert tool_result == {
         "type": "tool_result",
@@ -161,6 +164,7 @@ def test_typed_event_shapes(served: Served) -> None:
         "status": "success",
         "output": "6*7 = 42",
         "sequence": 2,
+        "run_id": run_id,
     }
     assert all(event["type"] == "text" for event in text)
     assert "".join(event["text"] for event in text) == "Here is what the tool returned: 6*7 = 42"
@@ -168,6 +172,28 @@ def test_typed_event_shapes(served: Served) -> None:
     assert [event["sequence"] for event in events] == list(range(1, len(events) + 1))
     assert done["event_count"] == len(events) - 1 and done["session_id"] == ""  # events before done, as on gRPC
     assert done["usage"]["output_tokens"] > 0 and done["duration_ms"] >= 0
+
+
+def test_a_dropped_answer_resumes_with_last_event_id(served: Served) -> None:
+    """Every event has an SSE id; a client that lost the stream asks again with Last-Event-ID."""
+    body = {"prompt": "w " * 300, "stream": "events", "on_disconnect": "continue"}
+    ids: list[str] = []
+    with httpx.stream("POST", f"{served.url}/invocations", json=body, timeout=30) as response:
+        run_id = response.headers["x-run-id"]
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                ids.append(line[4:])
+            if len(ids) == 5:
+                break  # the connection drops
+    assert ids[-1] == f"{run_id}:5"
+    resumed = httpx.post(f"{served.url}/invocations", json={"stream": "events"}, headers={"Last-Event-ID": ids[-1]},
+                         timeout=30)  # fmt: skip
+    events = [json.loads(line[6:]) for line in resumed.text.splitlines() if line.startswith("data: ")]
+    assert [event["sequence"] for event in events] == list(range(6, 6 + len(events)))
+    assert events[-1]["type"] == "done"
+    payload_form = httpx.post(f"{served.url}/invocations", json={"run_id": run_id, "after_sequence": 5}, timeout=30)
+    text = "".join(json.loads(line[6:]) for line in payload_form.text.splitlines() if line.startswith("data: "))
+    assert text == "".join(event.get("text", "") for event in events)
 
 
 def test_ping_is_busy_while_an_answer_streams(served: Served) -> None:

@@ -107,11 +107,15 @@ class _Answer:
                     body = await read_body(self.request, self.max_body)
                 finally:
                     self.body_read.set()
-                chat_input, shape = self._decode(body)
-                replies = self.call.answer(chat_input)
+                asked, shape = self._decode(body)
+                if isinstance(asked, protocol.ResumeAsk):
+                    replies = self.call.resume(asked.run_id, asked.after_sequence)
+                else:
+                    replies = self.call.answer(asked)
                 first = await anext(replies)
                 started = True
-                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+                headers = [*_SSE_HEADERS, (b"x-run-id", first.run_id.encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await _send_event(send, first, shape)
                 async for reply in replies:
                     await _send_event(send, reply, shape)
@@ -129,17 +133,18 @@ class _Answer:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _decode(self, body: bytes) -> tuple[Any, protocol.StreamShape]:
-        header_session = self.request.headers.get(SESSION_HEADER)
+        headers = self.request.headers
         try:
-            return protocol.parse_invocation(protocol.parse_body(body, self.max_depth), header_session)
+            payload = protocol.parse_body(body, self.max_depth)
+            return protocol.parse_invocation(payload, headers.get(SESSION_HEADER), headers.get("last-event-id"))
         except ChatError as error:
             return error, "text"
 
 
 async def _send_event(send: Send, reply: Reply, shape: protocol.StreamShape) -> None:
-    data = protocol.event_payload(reply, shape)
-    if data is not None:
-        await send({"type": "http.response.body", "body": protocol.sse(data), "more_body": True})
+    event = protocol.sse_event(reply, shape)
+    if event is not None:
+        await send({"type": "http.response.body", "body": event, "more_body": True})
 
 
 async def _send_response(send: Send, response: Response) -> None:

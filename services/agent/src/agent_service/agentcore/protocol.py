@@ -1,8 +1,13 @@
 """The AgentCore door's wire format: request bodies in, SSE and WebSocket payloads out.
 
 `POST /invocations` takes a JSON object: `prompt` (required), `session_id`
-(optional; the Runtime's session header may carry it instead, and both must agree)
-and `stream`: `"text"` (default) or `"events"`.
+(optional; the Runtime's session header may carry it instead, and both must agree),
+`stream`: `"text"` (default) or `"events"`, `on_disconnect`: `"cancel"` (default)
+or `"continue"`, and `if_busy`: `"reject"` (default), `"enqueue"` or `"interrupt"`.
+Instead of a prompt, `{"run_id": ..., "after_sequence": N}` (or a `Last-Event-ID`
+header, `<run id>:<sequence>`, with `{}`) resumes a run: its events after N, then
+the live ones. Every event carries an SSE `id:` (`<run id>:<sequence>`); a silence
+of `AGENT_HEARTBEAT_S` gets an SSE comment line (`: heartbeat`).
 
 - `"text"`: each `data:` line is one piece of the answer as a JSON string, so the
   seed notebook's loop (strip `data: `, strip quotes, print) prints the answer and
@@ -19,15 +24,19 @@ without reading further, and JSON nested deeper than `AGENT_MAX_JSON_DEPTH` with
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from agent_service.core import ChatError, ChatInput, ErrorKind, Reply
-from agent_service.core.events import Done, Failure, TextDelta, ToolCall, ToolOutcome
+from agent_service.core.events import Done, Failure, Heartbeat, TextDelta, ToolCall, ToolOutcome
+from agent_service.core.requests import BusyPolicy, DisconnectPolicy
 
+E = TypeVar("E", bound=enum.Enum)
 StreamShape = Literal["text", "events"]
 STREAM_SHAPES: tuple[StreamShape, ...] = ("text", "events")
 
@@ -61,21 +70,67 @@ def parse_body(body: bytes, max_depth: int) -> Any:
         raise invalid(f"the body is not valid JSON: {exc}") from None
 
 
-def parse_invocation(payload: Any, header_session_id: str | None) -> tuple[ChatInput, StreamShape]:
-    """An /invocations payload as the core's input and the stream shape it asks for."""
+@dataclass(frozen=True, slots=True)
+class ResumeAsk:
+    """A request to resume a run rather than to ask something."""
+
+    run_id: str
+    after_sequence: int
+
+
+def parse_invocation(
+    payload: Any, header_session_id: str | None, last_event_id: str | None = None
+) -> tuple[ChatInput | ResumeAsk, StreamShape]:
+    """An /invocations payload as the core's input (or a resume) and the stream shape it asks for."""
     if not isinstance(payload, Mapping):
         raise invalid('the body must be a JSON object such as {"prompt": "hello"}')
+    shape = payload.get("stream", "text")
+    if shape not in STREAM_SHAPES:
+        raise invalid(f'"stream" must be one of {", ".join(STREAM_SHAPES)}')
+    if "prompt" not in payload and ("run_id" in payload or last_event_id):
+        return _resume(payload, last_event_id), shape
     prompt = payload.get("prompt")
     if not isinstance(prompt, str):
         raise invalid('"prompt" must be a non-empty string')
     body_session = payload.get("session_id", "")
     if not isinstance(body_session, str):
         raise invalid('"session_id" must be a string')
-    shape = payload.get("stream", "text")
-    if shape not in STREAM_SHAPES:
-        raise invalid(f'"stream" must be one of {", ".join(STREAM_SHAPES)}')
     sources = {'"session_id"': body_session, "the session header": header_session_id or ""}
-    return ChatInput(content=prompt, session_sources=sources), shape
+    on_disconnect = _choice(payload, "on_disconnect", DisconnectPolicy)
+    if_busy = _choice(payload, "if_busy", BusyPolicy)
+    return ChatInput(prompt, {}, sources, on_disconnect, if_busy), shape
+
+
+def _choice(payload: Mapping[str, Any], name: str, policy: type[E]) -> E:
+    value = payload.get(name, next(iter(policy)).value)
+    try:
+        return policy(value)
+    except ValueError:
+        raise invalid(f'"{name}" must be one of {", ".join(choice.value for choice in policy)}') from None
+
+
+def _resume(payload: Mapping[str, Any], last_event_id: str | None) -> ResumeAsk:
+    run_id, after = payload.get("run_id"), payload.get("after_sequence", 0)
+    if last_event_id:
+        header_run, _, header_sequence = last_event_id.partition(":")
+        if not header_sequence.isdigit():
+            raise invalid("Last-Event-ID must be <run id>:<sequence>, as the events' ids are")
+        run_id, after = run_id or header_run, int(header_sequence)
+    if not isinstance(run_id, str) or not run_id:
+        raise invalid('"run_id" must be a non-empty string')
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise invalid('"after_sequence" must be a non-negative integer')
+    return ResumeAsk(run_id, after)
+
+
+def sse_event(reply: Reply, shape: StreamShape) -> bytes | None:
+    """One reply as an SSE event with its id (a heartbeat as a comment line; None: not sent in this shape)."""
+    if isinstance(reply.event, Heartbeat):
+        return f": heartbeat {reply.sequence}\n\n".encode()
+    data = event_payload(reply, shape)
+    if data is None:
+        return None
+    return f"id: {reply.run_id}:{reply.sequence}\n".encode() + sse(data)
 
 
 def event_payload(reply: Reply, shape: StreamShape) -> str | dict[str, Any] | None:
@@ -120,10 +175,14 @@ def typed_event(reply: Reply) -> dict[str, Any]:
             "duration_ms": event.duration_ms,
             "session_id": reply.session_id,
         }
+    elif isinstance(event, Heartbeat):
+        body = {"type": "heartbeat"}
     else:
         assert isinstance(event, Failure)
         body = error_object(event.code, event.message)
     body["sequence"] = reply.sequence
+    if reply.run_id:
+        body["run_id"] = reply.run_id
     if reply.turn > 1:
         body["turn"] = reply.turn
     return body

@@ -81,11 +81,13 @@ async def _requests(
             continue
         try:
             payload = protocol.parse_body(frame, settings.max_json_depth)
-            chat_input, _shape = protocol.parse_invocation(payload, header_session)
+            asked, _shape = protocol.parse_invocation(payload, header_session)
+            if isinstance(asked, protocol.ResumeAsk):
+                raise protocol.invalid("a conversation over /ws asks; resume a run with /invocations")
         except ChatError as error:
             yield error
             continue
-        yield chat_input
+        yield asked
 
 
 def _close_code(error: ChatError) -> int:
