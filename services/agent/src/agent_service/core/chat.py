@@ -223,14 +223,18 @@ class ChatCall:
                 turn += 1
                 self.observer.turn_started()
                 session_id = ""
+                answering = False
                 try:
                     valid = self._validate(request)
                     session_id = valid.session_id
                     target = SessionKey(self.caller.principal, session_id) if session_id else conversation
                     async for reply in self._turn(valid, target, turn):
+                        answering = True
                         yield reply
                 except ChatError as error:
-                    if error.kind not in (ErrorKind.INVALID_ARGUMENT, ErrorKind.ABORTED):
+                    # Refused before answering (invalid, busy): say so and go on. Anything that stopped an
+                    # answer under way (its Failure event is out already; an interruption too) ends the call.
+                    if answering or error.kind not in (ErrorKind.INVALID_ARGUMENT, ErrorKind.ABORTED):
                         raise
                     yield self._reply(turn, session_id, Failure(error.kind.value, error.message))
         finally:
