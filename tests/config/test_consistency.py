@@ -1,5 +1,5 @@
 """Every port, service name and path agrees across docker compose (.env), k8s/, the Envoy template
-(rendered the way its entrypoint renders it, with each environment's variables), the service's
+(rendered by render.py with each environment's variables, as its containers do), the service's
 own settings, and the Prometheus, Grafana and OpenTelemetry collector configurations."""
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from tests.config.stack import (
     OVERLAYS,
     REPO,
     agent_settings,
+    compose_envoy_render_env,
     compose_model,
     container,
-    container_env,
     container_ports,
     dotenv,
     envoy_cluster_address,
     envoy_config,
     envoy_defaults,
     envoy_listeners,
+    envoy_render_env,
     k8s_object,
     load_yaml,
 )
@@ -39,13 +40,13 @@ def services() -> dict[str, Any]:
 
 
 def compose_envoy() -> dict[str, Any]:
-    """Envoy's config as the compose container renders it."""
-    return envoy_config(services()["envoy"]["environment"])
+    """Envoy's config as compose's one-shot `envoy-config` renders it."""
+    return envoy_config(compose_envoy_render_env())
 
 
 def k8s_envoy(overlay: str) -> dict[str, Any]:
-    """Envoy's config as the k8s container renders it."""
-    return envoy_config(container_env(overlay, "envoy"))
+    """Envoy's config as the k8s init container renders it."""
+    return envoy_config(envoy_render_env(overlay))
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -87,7 +88,7 @@ def test_the_agent_is_found_by_the_same_name_everywhere() -> None:
     assert envoy_defaults()["ENVOY_AGENT_HOST"] == "agent"
     for overlay in OVERLAYS:
         assert k8s_object(overlay, "Service", "agent")["spec"]["clusterIP"] == "None"
-        assert container_env(overlay, "envoy")["ENVOY_AGENT_HOST"] == "agent"
+        assert envoy_cluster_address(k8s_envoy(overlay), "agent")[0] == "agent"
 
 
 def test_health_checks_ask_for_the_agent_service() -> None:
@@ -164,7 +165,7 @@ def test_tls_listener_exists_in_prod_only_and_uses_the_mounted_secret() -> None:
     (tls,) = [listener for listener in prod["static_resources"]["listeners"] if listener["name"] == "front_door_tls"]
     context = tls["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
     certificate = context["tls_certificates"][0]
-    env = container_env("prod", "envoy")
+    env = envoy_render_env("prod")
     assert certificate["certificate_chain"]["filename"] == env["ENVOY_TLS_CERT"]
     assert certificate["private_key"]["filename"] == env["ENVOY_TLS_KEY"]
 

@@ -14,7 +14,8 @@ from tests.config.stack import (
     REPO,
     agent_settings,
     container,
-    container_env,
+    envoy_render_env,
+    init_container,
     k8s_kinds,
     k8s_object,
     k8s_objects,
@@ -61,16 +62,17 @@ def test_pods_are_hardened(overlay: str, deployment: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    for item in pod["containers"]:
+    for item in pod["containers"] + pod.get("initContainers", []):
         context = item["securityContext"]
         assert context["allowPrivilegeEscalation"] is False
         assert context["readOnlyRootFilesystem"] is True
         assert context["capabilities"]["drop"] == ["ALL"]
         for bound in ("requests", "limits"):
             assert set(item["resources"][bound]) == {"cpu", "memory"}, bound
-        assert "readinessProbe" in item and "livenessProbe" in item
         repository, _, tag = item["image"].rpartition(":")
         assert repository and tag and tag != "latest"
+    for item in pod["containers"]:
+        assert "readinessProbe" in item and "livenessProbe" in item
     namespace = k8s_object(overlay, "Namespace", "agent")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
@@ -139,7 +141,7 @@ def test_prod_scales_on_cpu_and_streams_in_flight_and_keeps_three_replicas() -> 
 
 def test_prod_turns_reflection_off_and_tls_on() -> None:
     assert agent_settings("prod")["AGENT_REFLECTION"] == "false"
-    env = container_env("prod", "envoy")
+    env = envoy_render_env("prod")
     assert env["ENVOY_TLS"] == "on"
     pod = k8s_object("prod", "Deployment", "envoy")["spec"]["template"]["spec"]
     tls = next(v for v in pod["volumes"] if v["name"] == "tls")
@@ -159,26 +161,38 @@ def test_dev_runs_one_demo_replica_with_reflection() -> None:
     assert k8s_kinds("dev", "HorizontalPodAutoscaler") == []
     for name in DEPLOYMENTS:
         assert k8s_object("dev", "Deployment", name)["spec"]["replicas"] == 1
-    assert "ENVOY_TLS" not in container_env("dev", "envoy")
+    assert "ENVOY_TLS" not in envoy_render_env("dev")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_envoy_mounts_the_deploy_envoy_files_themselves(overlay: str) -> None:
-    """The ConfigMap is generated from deploy/envoy (no copy): its content is those files' bytes."""
+def test_envoy_config_is_rendered_by_render_py_from_the_deploy_envoy_files_themselves(overlay: str) -> None:
+    """The ConfigMap is generated from deploy/envoy (no copy): its content is those files' bytes. The
+    init container runs render.py from it (with the agent image's Python) into an emptyDir, and Envoy
+    starts on that file."""
     config_map = k8s_object(overlay, "ConfigMap", "envoy-template")
     files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
     files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
     assert files == {name: (REPO / "deploy" / "envoy" / name).read_bytes() for name in files}
-    assert {"envoy.yaml", "agent.pb", "docker-entrypoint.sh"} <= set(files)
-    volume = next(
-        v for v in k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]["volumes"] if "configMap" in v
-    )
-    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-    env = container_env(overlay, "envoy")
-    mount = next(m for m in container(overlay, "envoy")["volumeMounts"] if m["name"] == volume["name"])
-    assert env["ENVOY_TEMPLATE"] == mount["mountPath"] + "/envoy.yaml"
-    assert env["ENVOY_DESCRIPTOR_SET"] == mount["mountPath"] + "/agent.pb"
-    assert container(overlay, "envoy")["command"] == ["sh", mount["mountPath"] + "/docker-entrypoint.sh"]
+    assert set(files) == {"envoy.yaml", "agent.pb", "render.py"}
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (template,) = [name for name, v in volumes.items() if "configMap" in v]
+    assert volumes[template]["configMap"]["name"] == config_map["metadata"]["name"]
+
+    render = init_container(overlay, "envoy", "envoy-config")
+    assert render["image"] == container(overlay, "agent")["image"], "the agent image has the Python render.py needs"
+    mounts = {m["name"]: m["mountPath"] for m in render["volumeMounts"]}
+    (rendered,) = set(mounts) - {template}
+    assert "emptyDir" in volumes[rendered]
+    out = mounts[rendered] + "/envoy.yaml"
+    assert render["command"] == ["python", mounts[template] + "/render.py", "-o", out]
+
+    envoy = container(overlay, "envoy")
+    envoy_mounts = {m["name"]: m for m in envoy["volumeMounts"]}
+    assert envoy_mounts[rendered]["mountPath"] == mounts[rendered] and envoy_mounts[rendered]["readOnly"] is True
+    assert envoy["command"] == ["envoy"] and envoy["args"][:2] == ["-c", out]
+    descriptor = envoy_render_env(overlay).get("ENVOY_DESCRIPTOR_SET", "/etc/envoy/agent.pb")
+    assert descriptor == envoy_mounts[template]["mountPath"] + "/agent.pb"
 
 
 def test_every_object_lands_in_the_agent_namespace() -> None:

@@ -1,5 +1,6 @@
-"""The one Envoy template: how it renders (Python and the container entrypoint agree), that
-Envoy accepts every variant, and that the settings that keep streams alive are there."""
+"""The one Envoy template and its one renderer: how render.py renders, that the commands compose and
+Kubernetes run (render.py in the agent image) produce a config Envoy accepts, that Envoy accepts
+every variant, and that the settings that keep streams alive are there."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import pytest
 import yaml
 
 from deploy.envoy import render
-from tests.system.front_door import ENVOY, REPO, envoy_command, render_config, self_signed_cert
-
-ENTRYPOINT = REPO / "deploy" / "envoy" / "docker-entrypoint.sh"
+from tests.config.stack import compose_model, envoy_render_env, init_container
+from tests.system.front_door import REPO, envoy_command, render_config, self_signed_cert
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -38,23 +38,21 @@ def validate(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """docker-entrypoint.sh as the container runs it, with the real envoy binary first on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    if not (bin_dir / "envoy").exists():
-        (bin_dir / "envoy").symlink_to(ENVOY)
-    out = tmp_path / "entrypoint-rendered.yaml"
-    full_env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "ENVOY_TEMPLATE": str(render.TEMPLATE),
-        "ENVOY_CONFIG_OUT": str(out),
-        **env,
-    }
+def run_like_a_container(command: list[str], env: dict[str, str], mounts: dict[str, Path]) -> None:
+    """Run a container's render command here: the same render.py and environment, the command's paths mapped."""
+
+    def local(value: str) -> str:
+        for target, source in mounts.items():
+            if value == target or value.startswith(target + "/"):
+                return str(source) + value[len(target) :]
+        return value
+
+    assert command[0] == "python"
+    environ = {"PATH": os.environ["PATH"], **env}
     result = subprocess.run(
-        ["/bin/sh", str(ENTRYPOINT), *args], env=full_env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, *map(local, command[1:])], env=environ, capture_output=True, text=True, check=False
     )
-    return result, out
+    assert result.returncode == 0, result.stderr
 
 
 def test_every_placeholder_is_declared_with_a_default_and_a_meaning() -> None:
@@ -80,38 +78,76 @@ def test_precedence_is_argument_then_environment_then_default() -> None:
     ["x: ${NOPE}\n", "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n"],
     ids=["placeholder", "condition"],
 )
-def test_undeclared_names_are_errors_in_both_renderers(tmp_path: Path, template: str) -> None:
+def test_undeclared_names_are_errors(tmp_path: Path, template: str) -> None:
     with pytest.raises(render.RenderError):
         render.render({}, environ={}, template_text=template)
     (tmp_path / "t.yaml").write_text(template)
-    result, _ = run_entrypoint(tmp_path, {"ENVOY_TEMPLATE": str(tmp_path / "t.yaml")}, "--version")
-    assert result.returncode != 0 and "NOPE" in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(REPO / "deploy/envoy/render.py"), "--template", str(tmp_path / "t.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "NOPE" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_multi_line_values_are_refused_by_both_renderers(tmp_path: Path) -> None:
+def test_multi_line_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(render.RenderError):
         render.render({"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, environ={})
-    result, _ = run_entrypoint(tmp_path, {"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, "--version")
-    assert result.returncode != 0 and "ENVOY_AGENT_HOST" in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(REPO / "deploy/envoy/render.py"), "-o", str(tmp_path / "out.yaml")],
+        env={"PATH": os.environ["PATH"], "ENVOY_AGENT_HOST": "agent\nadmin: {}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "ENVOY_AGENT_HOST" in result.stderr and not (tmp_path / "out.yaml").exists()
 
 
-@pytest.mark.parametrize("tls", ["off", "on"])
-def test_the_entrypoint_renders_exactly_like_render_py_and_envoy_accepts_it(tmp_path: Path, tls: str) -> None:
-    cert, key = self_signed_cert(tmp_path)
-    env = {
-        "ENVOY_TLS": tls,
-        "ENVOY_TLS_CERT": str(cert),
-        "ENVOY_TLS_KEY": str(key),
-        "ENVOY_DESCRIPTOR_SET": str(render.DESCRIPTOR_SET),
-        "ENVOY_AGENT_HOST": "agent.agents.svc.cluster.local",
-        "ENVOY_SERVICE_NAME": "front door & $HOME `x`",  # taken literally, never evaluated
-    }
-    result, out = run_entrypoint(tmp_path, env, "--mode", "validate", "--disable-hot-restart", "--log-level", "warn")
+def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -> None:
+    """compose's one-shot `envoy-config` command, run here with its environment and mounts mapped."""
+    services = compose_model()["services"]
+    one_shot = services["envoy-config"]
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    mounts = {v["target"]: Path(v["source"]) for v in one_shot["volumes"] if v["type"] == "bind"}
+    (volume,) = [v["target"] for v in one_shot["volumes"] if v["type"] == "volume"]
+    mounts[volume] = rendered
+    run_like_a_container(one_shot["command"], one_shot.get("environment") or {}, mounts)
+    config = rendered / "envoy.yaml"
+    assert config.read_text() == render.render({}, environ=one_shot.get("environment") or {})
+    # Envoy reads what it was told to, with the descriptor set at its mounted path mapped here.
+    assert services["envoy"]["command"][:2] == ["-c", f"{volume}/envoy.yaml"]
+    local = tmp_path / "local.yaml"
+    local.write_text(config.read_text().replace("/etc/envoy/agent.pb", str(render.DESCRIPTOR_SET)))
+    result = validate(local)
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
-    assert out.read_text() == render.render(env, environ={})
-    listeners = [listener["name"] for listener in load(out)["static_resources"]["listeners"]]
-    assert listeners == (["front_door", "front_door_tls", "metrics"] if tls == "on" else ["front_door", "metrics"])
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_kubernetes_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path, overlay: str) -> None:
+    """The Envoy pod's init container command, run here with its environment and mounts mapped."""
+    init = init_container(overlay, "envoy", "envoy-config")
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    cert, key = self_signed_cert(tmp_path)
+    mounts = {m["mountPath"]: rendered for m in init["volumeMounts"] if m["name"] == "rendered"}
+    mounts |= {m["mountPath"]: REPO / "deploy/envoy" for m in init["volumeMounts"] if m["name"] == "template"}
+    run_like_a_container(init["command"], envoy_render_env(overlay), mounts)
+    text = (rendered / "envoy.yaml").read_text()
+    assert text == render.render({}, environ=envoy_render_env(overlay))
+    local = tmp_path / "local.yaml"
+    local.write_text(
+        text.replace("/etc/envoy/agent.pb", str(render.DESCRIPTOR_SET))
+        .replace("/etc/envoy-tls/tls.crt", str(cert))
+        .replace("/etc/envoy-tls/tls.key", str(key))
+    )
+    result = validate(local)
+    assert result.returncode == 0, result.stderr
+    listeners = [listener["name"] for listener in load(local)["static_resources"]["listeners"]]
+    assert listeners == (
+        ["front_door", "front_door_tls", "metrics"] if overlay == "prod" else ["front_door", "metrics"]
+    )
 
 
 @pytest.mark.parametrize("tls", ["off", "on"])
