@@ -46,7 +46,7 @@ DEFAULT_PROVIDER: str = DEFAULTS["model_provider"].default
 # What to ask each kind of model: the demo model calls a tool for arithmetic, the time and the
 # weather; SmolLM2-135M chats (short factual answers) but does not call tools.
 DEMO_PROMPTS = ("what is 2*(3+4)?", "what time is it?", "what's the weather in Paris?")
-LOCAL_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")
+LOCAL_PROMPTS = ("What is the capital of Japan?", "Write a haiku about the sea.")
 OTHER_PROMPTS = ("what time is it?", "what is 2*(3+4)?")
 
 
