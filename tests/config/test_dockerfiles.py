@@ -3,14 +3,21 @@ through exactly what the builds copy. (No Docker engine here: the files are chec
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from agent_service.settings import Settings
-from tests.config.stack import REPO, dotenv, tool
+from tests.config.stack import REPO, compose_model, dotenv, tool
 
 DOCKERFILES = sorted(
     path.relative_to(REPO)
@@ -86,13 +93,10 @@ def test_agent_image_serves_both_faces() -> None:
     text = (REPO / "services/agent/Dockerfile").read_text()
     defaults = {name: Settings.model_fields[name].default for name in ("grpc_port", "metrics_port", "agentcore_port")}
     assert defaults == {"grpc_port": 50051, "metrics_port": 9464, "agentcore_port": 8080}
-    for name, value in defaults.items():
-        assert f"AGENT_{name.upper()}={value} " in text
     assert re.search(r"^EXPOSE 50051 9464 8080$", text, re.MULTILINE)
     assert "AGENT_DATA_DIR=/data" in text and 'VOLUME ["/data"]' in text
     assert "AGENT_GRPC_HOST=[::]" in text
     assert "--require-hashes" in text and "requirements.lock" in text
-    assert "health agent.AgentService" in text and "/ping" in text
     assert 'CMD ["agent-service"]' in text
 
 
@@ -127,3 +131,105 @@ def test_dockerignore_lets_through_exactly_what_the_builds_copy() -> None:
         assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), source
     for entry in allowed:
         assert any(c.rstrip("/") == entry or c.startswith(entry + "/") for c in copied), f"{entry} is never copied"
+
+
+# --- the agent image's health check ----------------------------------------------------------
+
+
+def healthcheck_command() -> list[str]:
+    """The agent image's HEALTHCHECK command (JSON exec form)."""
+    text = (REPO / "services/agent/Dockerfile").read_text()
+    found = re.search(r"^HEALTHCHECK .*? CMD (\[.*\])$", text, re.MULTILINE)
+    assert found, "the agent image has a HEALTHCHECK in exec form"
+    command: list[str] = json.loads(found.group(1))
+    return command
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """The agent's /healthz contract (200 SERVING / 503 NOT_SERVING) and the AgentCore face's /ping."""
+
+    serving = True
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            status, body = (200, b"SERVING") if self.server.serving else (503, b"NOT_SERVING")  # type: ignore[attr-defined]
+        elif self.path == "/ping":
+            status, body = 200, b'{"status":"Healthy","time_of_last_update":1}'
+        else:
+            status, body = 404, b"not found"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def endpoint() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    server.serving = True  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_healthcheck(**env: str) -> tuple[int, float]:
+    """The HEALTHCHECK command as Docker runs it (python3 is the image's interpreter; here ours)."""
+    command = healthcheck_command()
+    assert command[:3] == ["python3", "-S", "-c"]
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=10, check=False)
+    return result.returncode, time.monotonic() - started
+
+
+def closed_port() -> str:
+    with endpoint() as server:
+        port = server.server_address[1]
+    return str(port)
+
+
+def test_the_healthcheck_follows_the_healthz_contract_and_falls_back_to_ping() -> None:
+    with endpoint() as server:
+        port = str(server.server_address[1])
+        assert run_healthcheck(AGENT_METRICS_PORT=port, AGENT_AGENTCORE_PORT=closed_port())[0] == 0
+        server.serving = False  # type: ignore[attr-defined]
+        assert run_healthcheck(AGENT_METRICS_PORT=port, AGENT_AGENTCORE_PORT=closed_port())[0] == 1
+        # `agent-agentcore` in this image: nothing on /healthz, the AgentCore face answers /ping.
+        assert run_healthcheck(AGENT_METRICS_PORT=closed_port(), AGENT_AGENTCORE_PORT=port)[0] == 0
+    code, seconds = run_healthcheck(AGENT_METRICS_PORT=closed_port(), AGENT_AGENTCORE_PORT=closed_port())
+    assert code == 1 and seconds < 5, "nothing listening fails at once"
+
+
+def test_the_healthcheck_imports_only_the_socket_module() -> None:
+    """No urllib, http, grpc or the service: an interpreter start and a socket, milliseconds."""
+    command = healthcheck_command()
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *command[1:]],
+        env={"AGENT_METRICS_PORT": closed_port(), "AGENT_AGENTCORE_PORT": closed_port()},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "socket" in imported
+    heavy = {
+        name for name in imported if name.split(".")[0] in {"urllib", "http", "grpc", "json", "ssl", "agent_service"}
+    }
+    assert heavy == set()
+
+
+def test_the_healthcheck_defaults_are_the_settings_defaults_and_compose_runs_the_same() -> None:
+    code = healthcheck_command()[3]
+    ports = dict(re.findall(r'e\("(AGENT_\w+_PORT)","(\d+)"\)', code))
+    assert ports == {
+        "AGENT_METRICS_PORT": str(Settings.model_fields["metrics_port"].default),
+        "AGENT_AGENTCORE_PORT": str(Settings.model_fields["agentcore_port"].default),
+    }
+    assert compose_model()["services"]["agent"]["healthcheck"]["test"] == ["CMD", *healthcheck_command()]
