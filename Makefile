@@ -113,8 +113,11 @@ system-tools: ## Install Debian's prometheus (promtool, the real Prometheus for 
 
 # docker compose (needs a Docker engine with the Compose v2 plugin; `make test` only validates the
 # files). Ports and image tags are in .env; a git-ignored .env.override is read after it.
+# With AWS_PROFILE set, docker-compose.aws.yml mounts ~/.aws read-only and runs the agent as you.
 DOCKER ?= docker
-COMPOSE := $(DOCKER) compose --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
+COMPOSE_FILES := -f docker-compose.yml $(if $(AWS_PROFILE),-f docker-compose.aws.yml)
+COMPOSE := $(if $(AWS_PROFILE),AWS_HOST_UID=$(shell id -u) )$(DOCKER) compose $(COMPOSE_FILES) \
+  --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
 FRONT_DOOR ?= localhost:8080
 
 .PHONY: compose-check

@@ -16,11 +16,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import yaml
+
+from agent_service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -95,7 +98,8 @@ def kustomize(path: Path) -> subprocess.CompletedProcess[str]:
 
 @functools.cache
 def rendered_overlay(overlay: str) -> str:
-    result = kustomize(REPO / "k8s" / "overlays" / overlay)
+    """An overlay rendered by kustomize; "base" renders k8s/base itself."""
+    result = kustomize(REPO / "k8s" / "base" if overlay == "base" else REPO / "k8s" / "overlays" / overlay)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -195,3 +199,32 @@ def load_yaml(relative: str) -> Any:
     path = REPO / relative
     assert path.is_file(), f"{relative} is missing (docker compose and k8s/ use it)"
     return yaml.safe_load(path.read_text())
+
+
+@functools.cache
+def image_env() -> dict[str, str]:
+    """The AGENT_* variables the agent image's final stage sets (its ENV instruction)."""
+    text = re.sub(r"\\\n", " ", (REPO / "services/agent/Dockerfile").read_text())
+    final = text.split("\nFROM ")[-1]
+    values: dict[str, str] = {}
+    for instruction in re.findall(r"^ENV (.+)$", final, re.MULTILINE):
+        for name, value in re.findall(r"(\w+)=(\S+)", instruction):
+            if name.startswith("AGENT_"):
+                values[name] = value
+    return values
+
+
+def effective_settings(env: Mapping[str, str | None]) -> Settings:
+    """The settings an agent container runs with: the settings' defaults, then the image's ENV, then
+    `env` (a variable set to None is unset). The test process's own environment plays no part."""
+    given = {**image_env(), **{name: value for name, value in env.items() if value is not None}}
+    fields = {name.removeprefix("AGENT_").lower(): value for name, value in given.items() if name.startswith("AGENT_")}
+    return Settings.model_validate(fields)
+
+
+def compose_settings() -> Settings:
+    return effective_settings(compose_model()["services"]["agent"].get("environment") or {})
+
+
+def k8s_settings(overlay: str) -> Settings:
+    return effective_settings(agent_settings(overlay))

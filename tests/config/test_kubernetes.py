@@ -12,13 +12,14 @@ import pytest
 from tests.config.stack import (
     OVERLAYS,
     REPO,
-    agent_settings,
     container,
+    envoy_defaults,
     envoy_render_env,
     init_container,
     k8s_kinds,
     k8s_object,
     k8s_objects,
+    k8s_settings,
     rendered_overlay,
     tool,
 )
@@ -89,7 +90,7 @@ def test_agent_uses_native_grpc_probes(overlay: str) -> None:
 def test_termination_grace_covers_the_prestop_and_the_drain(overlay: str) -> None:
     pod = k8s_object(overlay, "Deployment", "agent")["spec"]["template"]["spec"]
     pre_stop = container(overlay, "agent")["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain = float(agent_settings(overlay)["AGENT_SHUTDOWN_GRACE_S"])
+    drain = k8s_settings(overlay).shutdown_grace_s
     assert pre_stop >= 1
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 2
 
@@ -140,7 +141,7 @@ def test_prod_scales_on_cpu_and_streams_in_flight_and_keeps_three_replicas() -> 
 
 
 def test_prod_turns_reflection_off_and_tls_on() -> None:
-    assert agent_settings("prod")["AGENT_REFLECTION"] == "false"
+    assert k8s_settings("prod").reflection is False
     env = envoy_render_env("prod")
     assert env["ENVOY_TLS"] == "on"
     pod = k8s_object("prod", "Deployment", "envoy")["spec"]["template"]["spec"]
@@ -150,14 +151,14 @@ def test_prod_turns_reflection_off_and_tls_on() -> None:
     assert env["ENVOY_TLS_CERT"] == mount["mountPath"] + "/tls.crt"
     assert env["ENVOY_TLS_KEY"] == mount["mountPath"] + "/tls.key"
     ports = {p["name"]: p["port"] for p in k8s_object("prod", "Service", "envoy")["spec"]["ports"]}
-    assert ports == {"grpc": 8080, "grpc-tls": int(env["ENVOY_TLS_PORT"])}
+    assert ports == {"grpc": 8080, "grpc-tls": int(env.get("ENVOY_TLS_PORT", envoy_defaults()["ENVOY_TLS_PORT"]))}
     annotations = k8s_object("prod", "Deployment", "agent")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
 
 
 def test_dev_runs_one_demo_replica_with_reflection() -> None:
-    settings = agent_settings("dev")
-    assert (settings["AGENT_MODEL_PROVIDER"], settings["AGENT_REFLECTION"]) == ("demo", "true")
+    settings = k8s_settings("dev")
+    assert (settings.model_provider, settings.reflection) == ("demo", True)
     assert k8s_kinds("dev", "HorizontalPodAutoscaler") == []
     for name in DEPLOYMENTS:
         assert k8s_object("dev", "Deployment", name)["spec"]["replicas"] == 1
