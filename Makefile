@@ -137,6 +137,24 @@ up: compose-check ## docker compose: build and start the stack, wait until healt
 down: compose-check ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
 	$(COMPOSE) down $(ARGS)
 
+# Kubernetes: the agent image (the Envoy image is the official one) and manifests that use it.
+# IMAGE defaults to the name and tag of .env, which k8s/base uses too.
+IMAGE ?= $(shell sed -n 's/^AGENT_IMAGE=//p' .env):$(shell sed -n 's/^AGENT_IMAGE_TAG=//p' .env)
+OVERLAY ?= dev
+PUSH ?= 0
+
+.PHONY: image
+image: ## Build the agent image as IMAGE (default: .env's agent-grpc-stack/agent:TAG); PUSH=1 pushes it
+	$(DOCKER) build -f services/agent/Dockerfile -t $(IMAGE) .
+	$(if $(filter 1,$(PUSH)),$(DOCKER) push $(IMAGE))
+
+.PHONY: k8s-manifests
+k8s-manifests: install ## Print k8s/overlays/OVERLAY (dev) with the agent image set to IMAGE (NAME:TAG), for `| kubectl apply -f -`
+	@image='$(IMAGE)' && tmp=$$(mktemp -d k8s/.image-overlay.XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
+	  printf 'resources:\n  - ../overlays/%s\nimages:\n  - name: agent-grpc-stack/agent\n    newName: %s\n    newTag: "%s"\n' \
+	    '$(OVERLAY)' "$${image%:*}" "$${image##*:}" >"$$tmp/kustomization.yaml" && \
+	  $(VENV)/bin/kubectl kustomize "$$tmp"
+
 .PHONY: grpcurl
 grpcurl: install ## grpcurl cookbook through the front door (FRONT_DOOR=localhost:8080): list, describe, health, a stream
 	$(VENV)/bin/grpcurl -plaintext $(FRONT_DOOR) list

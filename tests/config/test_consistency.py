@@ -4,6 +4,7 @@ own settings, and the Prometheus, Grafana and OpenTelemetry collector configurat
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -188,7 +189,10 @@ def test_traces_go_to_the_collector_and_on_to_jaeger() -> None:
     assert envoy_cluster_address(compose_envoy(), "otel_collector") == ("otel-collector", receiver_port)
     assert "otel-collector" in services()
     exporters = [e for name, e in collector["exporters"].items() if name.startswith("otlp")]
-    assert any(host_port(e["endpoint"])[0] == "jaeger" for e in exporters)
+    # `${env:TRACES_OTLP_ENDPOINT:-jaeger:4317}`: compose sets no TRACES_OTLP_ENDPOINT, so Jaeger.
+    defaults = [re.fullmatch(r"\$\{env:TRACES_OTLP_ENDPOINT:-(.+)\}", e["endpoint"]) for e in exporters]
+    assert any(d and host_port(d.group(1)) == ("jaeger", 4317) for d in defaults)
+    assert "TRACES_OTLP_ENDPOINT" not in (services()["otel-collector"].get("environment") or {})
     assert "jaeger" in services()
     mount = {v["target"]: v["source"] for v in services()["otel-collector"]["volumes"]}
     config_arg = next(a for a in services()["otel-collector"]["command"] if a.startswith("--config="))

@@ -12,7 +12,9 @@ import pytest
 from tests.config.stack import (
     OVERLAYS,
     REPO,
+    agent_settings,
     container,
+    dotenv,
     envoy_defaults,
     envoy_render_env,
     init_container,
@@ -26,6 +28,8 @@ from tests.config.stack import (
 
 SERVICE_NAME = "agent.AgentService"
 DEPLOYMENTS = ("agent", "envoy")
+# Deployments of the monitoring component (prod uses it).
+MONITORING = ("otel-collector",)
 
 
 def validate(manifests: str) -> subprocess.CompletedProcess[str]:
@@ -53,8 +57,10 @@ def test_validation_fails_on_an_invalid_manifest() -> None:
     assert "terminationGraceSeconds" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+@pytest.mark.parametrize(
+    ("overlay", "deployment"),
+    [(o, d) for o in OVERLAYS for d in DEPLOYMENTS] + [("prod", d) for d in MONITORING],
+)
 def test_pods_are_hardened(overlay: str, deployment: str) -> None:
     pod = k8s_object(overlay, "Deployment", deployment)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
@@ -201,3 +207,39 @@ def test_every_object_lands_in_the_agent_namespace() -> None:
         for obj in k8s_objects(overlay):
             if obj["kind"] != "Namespace":
                 assert obj["metadata"]["namespace"] == "agent", obj["metadata"]["name"]
+
+
+def test_the_monitoring_component_ships_the_collector_and_points_the_traces_at_it() -> None:
+    """prod uses k8s/components/monitoring: the collector of deploy/otel-collector/config.yaml runs in
+    the namespace, the agent exports to it and Envoy's default collector host is its Service."""
+    config_map = k8s_object("prod", "ConfigMap", "otel-collector-config")
+    assert config_map["data"] == {"config.yaml": (REPO / "deploy/otel-collector/config.yaml").read_text()}
+    pod = k8s_object("prod", "Deployment", "otel-collector")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    collector = container("prod", "otel-collector")
+    (mount,) = collector["volumeMounts"]
+    assert collector["args"] == [f"--config={mount['mountPath']}/config.yaml"]
+    assert {e["name"] for e in collector["env"]} == {"TRACES_OTLP_ENDPOINT"}
+    assert collector["readinessProbe"]["httpGet"]["port"] == "health"
+    assert collector["image"] == dotenv()["OTEL_COLLECTOR_IMAGE"], "the image compose runs"
+    ports = {p["name"]: p["containerPort"] for p in collector["ports"]}
+    assert ports["health"] == 13133 and ports["otlp-grpc"] == 4317
+    service = k8s_object("prod", "Service", "otel-collector")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"otlp-grpc": 4317, "otlp-http": 4318}
+
+    assert k8s_settings("prod").model_provider  # the ConfigMap still parses
+    endpoint = agent_settings("prod")["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint == f"http://{service['metadata']['name']}:4317"
+    assert envoy_defaults()["ENVOY_OTEL_HOST"] == service["metadata"]["name"]
+    assert "ENVOY_OTEL_HOST" not in envoy_render_env("prod")
+
+    policy = next(p for p in k8s_kinds("prod", "NetworkPolicy") if p["metadata"]["name"] == "otel-collector")["spec"]
+    (rule,) = policy["ingress"]
+    senders = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]}
+    assert senders == {"agent", "envoy"} and {p["port"] for p in rule["ports"]} == {4317, 4318}
+
+
+def test_without_the_monitoring_component_nothing_exports_traces() -> None:
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in agent_settings("dev")
+    assert [d for d in k8s_kinds("dev", "Deployment") if d["metadata"]["name"] == "otel-collector"] == []

@@ -13,11 +13,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from agent_service.settings import Settings
-from tests.config.stack import REPO, compose_binary
+from tests.config.stack import REPO, compose_binary, dotenv, tool
 
 MODEL_BUILD = "serve_model.py --check"  # the last step of `make model`
 
@@ -127,3 +129,49 @@ def test_up_without_the_compose_plugin_says_what_to_install(tmp_path: Path) -> N
     (tmp_path / "cli-plugins" / "docker-compose").symlink_to(compose_binary())
     result = make("compose-check", DOCKER_CONFIG=str(tmp_path))
     assert result.returncode == 0, result.stderr
+
+
+def test_image_builds_the_agent_image_and_pushes_only_when_asked() -> None:
+    build = [line for line in plan("image", IMAGE="registry.example.com/agent:1.2.3") if line.strip()]
+    assert build == ["docker build -f services/agent/Dockerfile -t registry.example.com/agent:1.2.3 ."]
+    pushed = plan("image", IMAGE="registry.example.com/agent:1.2.3", PUSH="1")
+    assert "docker push registry.example.com/agent:1.2.3" in pushed
+    env = dotenv()
+    assert f"-t {env['AGENT_IMAGE']}:{env['AGENT_IMAGE_TAG']} " in plan("image")[0]
+
+
+def k8s_manifests(**env: str) -> list[dict[str, Any]]:
+    result = make("k8s-manifests", **env)
+    assert result.returncode == 0, result.stderr
+    assert not list((REPO / "k8s").glob(".image-overlay.*")), "the temporary overlay is removed"
+    validated = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-"],
+        input=result.stdout,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def agent_images(objects: list[dict[str, Any]]) -> set[str]:
+    """The images of every container and init container that run the agent image."""
+    images = set()
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            pod = obj["spec"]["template"]["spec"]
+            for item in pod["containers"] + pod.get("initContainers", []):
+                if item["name"] in ("agent", "envoy-config"):
+                    images.add(item["image"])
+    return images
+
+
+def test_k8s_manifests_use_the_image_you_built_or_pushed() -> None:
+    """kind: `make image` + `kind load docker-image`; a registry: `make image IMAGE=... PUSH=1`, then this."""
+    env = dotenv()
+    assert agent_images(k8s_manifests()) == {f"{env['AGENT_IMAGE']}:{env['AGENT_IMAGE_TAG']}"}
+    pushed = k8s_manifests(OVERLAY="prod", IMAGE="localhost:5000/team/agent:1.2.3")
+    assert agent_images(pushed) == {"localhost:5000/team/agent:1.2.3"}
+    assert any(obj["metadata"]["name"] == "otel-collector" for obj in pushed)
