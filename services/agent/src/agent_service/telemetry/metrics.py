@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 from prometheus_client.metrics import Histogram as HistogramType
 
 TTFC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -34,6 +34,7 @@ class Metrics:
         self.model = model
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
         self.streams_in_flight = Gauge("agent_streams_in_flight", "Streams being served.", ["method"], registry=r)
         self.streams_started = Counter(
             "agent_streams_started", "Streams received (admitted or not).", ["method"], registry=r
