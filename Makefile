@@ -61,7 +61,7 @@ test: lint typecheck test-main test-model ## Everything CI runs: lint, type chec
 
 .PHONY: test-fast
 test-fast: install ## The edit loop: unit and integration tests without the model and the bench smoke test (under a minute)
-	$(PY) -m pytest -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 .PHONY: test-main
 test-main: install system-tools ## Every test except those needing the local model (config, system with Envoy and Prometheus, bench smoke)
