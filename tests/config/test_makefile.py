@@ -7,7 +7,6 @@ the compose check runs for real with the machine's Docker CLI when there is one.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,17 +18,18 @@ import pytest
 import yaml
 
 from agent_service.settings import Settings
-from tests.config.stack import REPO, compose_binary, dotenv, tool
+from tests.config.stack import REPO, clean_env, compose_binary, dotenv, tool
 
 MODEL_BUILD = "serve_model.py --check"  # the last step of `make model`
 
 
 def make(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "MAKE", "DOCKER"))}
+    """`make` with only PATH and HOME from this environment (a make running these tests exports its
+    own variables, PYTEST_ARGS for one, which would change the plan)."""
     return subprocess.run(
         ["make", "--no-print-directory", *args],
         cwd=REPO,
-        env={**environ, **env},
+        env=clean_env(**env),
         capture_output=True,
         text=True,
         timeout=60,
