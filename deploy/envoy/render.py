@@ -123,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides[name] = value
     try:
         config = render(overrides, template_text=args.template.read_text())
-    except RenderError as exc:
+        if args.out is None:
+            sys.stdout.write(config)
+        else:
+            args.out.write_text(config)
+    except (RenderError, OSError) as exc:
         print(f"render.py: {exc}", file=sys.stderr)
         return 2
-    if args.out is None:
-        sys.stdout.write(config)
-    else:
-        args.out.write_text(config)
     return 0
 
 

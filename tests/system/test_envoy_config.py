@@ -91,6 +91,14 @@ def test_undeclared_names_are_errors(tmp_path: Path, template: str) -> None:
     assert result.returncode == 2 and "NOPE" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_unreadable_template_or_unwritable_output_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    for args in (["--template", str(tmp_path / "missing.yaml")], ["-o", str(tmp_path / "no-such-dir" / "envoy.yaml")]):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "deploy/envoy/render.py"), *args], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 2 and result.stderr.startswith("render.py: ") and "Traceback" not in result.stderr
+
+
 def test_multi_line_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(render.RenderError):
         render.render({"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, environ={})
