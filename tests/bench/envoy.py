@@ -76,6 +76,7 @@ def running(upstream: str, log_dir: Path, otlp_port: int | None = None) -> Itera
         "ENVOY_AGENT_MAX_STREAMS": "100000",
         "ENVOY_HEALTH_INTERVAL": "1s",
         "ENVOY_DESCRIPTOR_SET": str(REPO / "deploy" / "envoy" / "agent.pb"),
+        "ENVOY_WEB_ROOT": str(REPO / "deploy" / "web"),
         "ENVOY_OTEL_HOST": "127.0.0.1",
         "ENVOY_OTEL_PORT": str(otlp_port or procs.free_port()),
         "ENVOY_TRACE_SAMPLING": "100" if otlp_port else "0",

@@ -187,6 +187,18 @@ def envoy_listeners(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def envoy_page_files(config: dict[str, Any]) -> dict[str, str]:
+    """URL path -> file of the front door's routes answered from files (the chat page)."""
+    (listener,) = [item for item in config["static_resources"]["listeners"] if item["name"] == "front_door"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = [route for host in hcm["route_config"]["virtual_hosts"] for route in host["routes"]]
+    return {
+        route["match"]["path"]: route["direct_response"]["body"]["filename"]
+        for route in routes
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    }
+
+
 def envoy_cluster_address(config: dict[str, Any], cluster: str) -> tuple[str, int]:
     for item in config["static_resources"]["clusters"]:
         if item["name"] == cluster:

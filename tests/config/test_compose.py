@@ -19,12 +19,15 @@ from tests.config.stack import (
     REPO,
     clean_env,
     compose,
+    compose_envoy_render_env,
     compose_model,
     compose_model_with,
     compose_settings,
     dotenv,
     effective_settings,
+    envoy_config,
     envoy_defaults,
+    envoy_page_files,
 )
 
 SERVICES = {"agent", "envoy", "model", "otel-collector", "jaeger", "prometheus", "grafana"}
@@ -216,3 +219,16 @@ def test_make_up_adds_the_aws_file_only_with_a_profile() -> None:
     assert "docker-compose.aws.yml" not in plain and "AWS_HOST_UID" not in plain
     with_profile = up_command(AWS_PROFILE="dev")
     assert "-f docker-compose.aws.yml" in with_profile and f"AWS_HOST_UID={os.getuid()} " in with_profile
+
+
+def test_envoy_mounts_the_chat_page_where_the_template_reads_it() -> None:
+    """envoy-config renders with the template's ENVOY_WEB_ROOT; Envoy itself reads the files there at start."""
+    render_env = compose_envoy_render_env()
+    root = {**envoy_defaults(), **render_env}["ENVOY_WEB_ROOT"]
+    envoy = compose_model()["services"]["envoy"]
+    (volume,) = [v for v in envoy["volumes"] if v["target"] == root]
+    assert (volume["type"], Path(volume["source"]), volume.get("read_only")) == ("bind", REPO / "deploy" / "web", True)
+    served = envoy_page_files(envoy_config(render_env))
+    assert set(served) == {"/", "/chat.js", "/chat.css"}
+    for file in served.values():
+        assert (REPO / "deploy" / "web" / Path(file).relative_to(root)).is_file(), file

@@ -3,21 +3,20 @@ through exactly what the builds copy. (No Docker engine here: the files are chec
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from agent_service.settings import Settings
 from tests.config.stack import REPO, compose_model, dotenv, tool
+from tests.support.servers import free_port, make_settings, running_server
 
 DOCKERFILES = sorted(
     path.relative_to(REPO)
@@ -26,6 +25,7 @@ DOCKERFILES = sorted(
 )
 # The images this repository builds (hadolint checks every Dockerfile; these get the structural checks too).
 IMAGES = [Path("services/agent/Dockerfile"), Path("services/model/Dockerfile")]
+FACE_START_TIMEOUT_S = 30.0
 BUILD_TOOLS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|cmake|make)\b")
 
 
@@ -145,40 +145,6 @@ def healthcheck_command() -> list[str]:
     return command
 
 
-class _Endpoint(BaseHTTPRequestHandler):
-    """The agent's /healthz contract (200 SERVING / 503 NOT_SERVING) and the AgentCore face's /ping."""
-
-    serving = True
-
-    def do_GET(self) -> None:
-        if self.path == "/healthz":
-            status, body = (200, b"SERVING") if self.server.serving else (503, b"NOT_SERVING")  # type: ignore[attr-defined]
-        elif self.path == "/ping":
-            status, body = 200, b'{"status":"Healthy","time_of_last_update":1}'
-        else:
-            status, body = 404, b"not found"
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def endpoint() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    server.serving = True  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def run_healthcheck(**env: str) -> tuple[int, float]:
     """The HEALTHCHECK command as Docker runs it (python3 is the image's interpreter; here ours)."""
     command = healthcheck_command()
@@ -188,22 +154,46 @@ def run_healthcheck(**env: str) -> tuple[int, float]:
     return result.returncode, time.monotonic() - started
 
 
-def closed_port() -> str:
-    with endpoint() as server:
-        port = server.server_address[1]
-    return str(port)
-
-
-def test_the_healthcheck_follows_the_healthz_contract_and_falls_back_to_ping() -> None:
-    with endpoint() as server:
-        port = str(server.server_address[1])
-        assert run_healthcheck(AGENT_METRICS_PORT=port, AGENT_AGENTCORE_PORT=closed_port())[0] == 0
-        server.serving = False  # type: ignore[attr-defined]
-        assert run_healthcheck(AGENT_METRICS_PORT=port, AGENT_AGENTCORE_PORT=closed_port())[0] == 1
-        # `agent-agentcore` in this image: nothing on /healthz, the AgentCore face answers /ping.
-        assert run_healthcheck(AGENT_METRICS_PORT=closed_port(), AGENT_AGENTCORE_PORT=port)[0] == 0
-    code, seconds = run_healthcheck(AGENT_METRICS_PORT=closed_port(), AGENT_AGENTCORE_PORT=closed_port())
+async def test_the_healthcheck_asks_the_agents_real_healthz_and_follows_its_drain(tmp_path: Path) -> None:
+    """A real AgentServer (the `agent-service` of the image's CMD) on ephemeral ports: SERVING, then draining."""
+    async with running_server(make_settings(tmp_path)) as served:
+        endpoint = served.server.metrics_endpoint
+        assert endpoint is not None
+        env = {"AGENT_METRICS_PORT": str(endpoint.port), "AGENT_AGENTCORE_PORT": str(free_port())}
+        code, seconds = await asyncio.to_thread(run_healthcheck, **env)
+        assert code == 0 and seconds < 5
+        served.server.core.begin_drain()  # what SIGTERM does first: 503 NOT_SERVING
+        assert (await asyncio.to_thread(run_healthcheck, **env))[0] == 1
+    code, seconds = run_healthcheck(**env)
     assert code == 1 and seconds < 5, "nothing listening fails at once"
+
+
+def test_the_healthcheck_falls_back_to_the_agentcore_faces_ping(tmp_path: Path) -> None:
+    """`agent-agentcore` in this image with its metrics off: nothing on /healthz, the face's /ping answers."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "AGENT_MODEL_PROVIDER": "demo",
+        "AGENT_AGENTCORE_HOST": "127.0.0.1",
+        "AGENT_AGENTCORE_PORT": str(port),
+        "AGENT_METRICS_ENABLED": "false",
+        "AGENT_DATA_DIR": str(tmp_path / "data"),
+        "AGENT_LOG_FORMAT": "json",
+    }
+    check = {"AGENT_METRICS_PORT": str(free_port()), "AGENT_AGENTCORE_PORT": str(port)}
+    log = tmp_path / "face.log"
+    with log.open("wb") as stderr:
+        face = subprocess.Popen([str(Path(sys.executable).parent / "agent-agentcore")], env=env, stderr=stderr)
+        try:
+            deadline = time.monotonic() + FACE_START_TIMEOUT_S
+            while run_healthcheck(**check)[0] != 0:
+                assert face.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"/ping did not answer within {FACE_START_TIMEOUT_S} s"
+                time.sleep(0.1)
+        finally:
+            face.terminate()
+            face.wait(timeout=30)
+    assert run_healthcheck(**check)[0] == 1
 
 
 def test_the_healthcheck_imports_only_the_socket_module() -> None:
@@ -211,7 +201,7 @@ def test_the_healthcheck_imports_only_the_socket_module() -> None:
     command = healthcheck_command()
     result = subprocess.run(
         [sys.executable, "-X", "importtime", *command[1:]],
-        env={"AGENT_METRICS_PORT": closed_port(), "AGENT_AGENTCORE_PORT": closed_port()},
+        env={"AGENT_METRICS_PORT": str(free_port()), "AGENT_AGENTCORE_PORT": str(free_port())},
         capture_output=True,
         text=True,
         timeout=10,

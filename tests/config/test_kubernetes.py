@@ -15,7 +15,9 @@ from tests.config.stack import (
     agent_settings,
     container,
     dotenv,
+    envoy_config,
     envoy_defaults,
+    envoy_page_files,
     envoy_render_env,
     init_container,
     k8s_kinds,
@@ -183,8 +185,9 @@ def test_envoy_config_is_rendered_by_render_py_from_the_deploy_envoy_files_thems
     assert set(files) == {"envoy.yaml", "agent.pb", "render.py"}
     pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    (template,) = [name for name, v in volumes.items() if "configMap" in v]
-    assert volumes[template]["configMap"]["name"] == config_map["metadata"]["name"]
+    (template,) = [
+        name for name, v in volumes.items() if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
+    ]
 
     render = init_container(overlay, "envoy", "envoy-config")
     assert render["image"] == container(overlay, "agent")["image"], "the agent image has the Python render.py needs"
@@ -200,6 +203,28 @@ def test_envoy_config_is_rendered_by_render_py_from_the_deploy_envoy_files_thems
     assert envoy["command"] == ["envoy"] and envoy["args"][:2] == ["-c", out]
     descriptor = envoy_render_env(overlay).get("ENVOY_DESCRIPTOR_SET", "/etc/envoy/agent.pb")
     assert descriptor == envoy_mounts[template]["mountPath"] + "/agent.pb"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_envoy_mounts_the_chat_page_files_themselves_where_the_template_reads_them(overlay: str) -> None:
+    """ConfigMap `envoy-web` holds deploy/web's files, mounted back in the repository's layout."""
+    config_map = k8s_object(overlay, "ConfigMap", "envoy-web")
+    files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
+    files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]]
+    items = {item["key"]: item["path"] for item in volume["configMap"]["items"]}
+    assert set(items) == set(files)
+    for key, path in items.items():
+        assert files[key] == (REPO / "deploy" / "web" / path).read_bytes(), path
+    (mount,) = [m for m in container(overlay, "envoy")["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    # The init container renders the template (its defaults, then its env); Envoy reads the files at start.
+    render_env = envoy_render_env(overlay)
+    assert {**envoy_defaults(), **render_env}["ENVOY_WEB_ROOT"] == mount["mountPath"]
+    assert volume["name"] not in {m["name"] for m in init_container(overlay, "envoy", "envoy-config")["volumeMounts"]}
+    served = envoy_page_files(envoy_config(render_env))
+    assert served and set(served.values()) == {f"{mount['mountPath']}/{path}" for path in items.values()}
 
 
 def test_every_object_lands_in_the_agent_namespace() -> None:

@@ -9,10 +9,19 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent_service.core.history import interrupted_text
 from agent_service.proto import agent_pb2
-from agent_service.runner import INTERRUPTED_TEXT
 from tests.support.doubles import FailingModel, HangingModel
-from tests.support.servers import Running, collect, kinds, make_settings, read_until_error, running_server, text_of
+from tests.support.servers import (
+    Running,
+    collect,
+    kinds,
+    make_settings,
+    read_until_error,
+    running_server,
+    session_of,
+    text_of,
+)
 
 
 async def _status_of(call) -> grpc.aio.AioRpcError:
@@ -122,7 +131,7 @@ async def test_deadline_cancels_the_agent_and_session_stays_usable(tmp_path: Pat
         error = await _status_of(served.stub.StreamChat(request, timeout=0.3))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await _until(lambda: served.server.runner.settling == 0)
-        agent = served.server.registry._sessions["deadline"].agent
+        agent = session_of(served, "deadline").agent
         assert agent is not None and _roles_alternate(agent.messages)
         responses = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="again", session_id="deadline")))
         assert kinds(responses)[-1] == "done"
@@ -135,11 +144,11 @@ async def test_hung_model_cannot_hold_a_stream_past_the_server_maximum(tmp_path:
         async with asyncio.timeout(10):  # bounds the test only: the client sets no deadline
             error = await _status_of(served.stub.StreamChat(request))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert error.details() == "the answer did not complete within the deadline"
+        assert error.details() == "the answer did not complete within the server's maximum stream duration"
         await _until(lambda: served.server.runner.settling == 0)
-        agent = served.server.registry._sessions["hung"].agent
+        agent = session_of(served, "hung").agent
         assert agent is not None
-        assert agent.messages[-1]["content"][0]["text"] == INTERRUPTED_TEXT
+        assert agent.messages[-1]["content"][0]["text"] == interrupted_text("thinking ", "the answer ran out of time")
         assert _roles_alternate(agent.messages)
         # The abandoned turn is closed; the next call on the session is answered (the model answers now).
         responses = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="again", session_id="hung")))
@@ -162,7 +171,7 @@ async def test_client_cancel_stops_the_agent(tmp_path: Path) -> None:
         call.cancel()
         assert await call.code() == grpc.StatusCode.CANCELLED
         await _until(lambda: served.server.runner.settling == 0 and served.server.admission.in_flight == 0)
-        session = served.server.registry._sessions["cancelled"]
+        session = session_of(served, "cancelled")
         assert not session.busy
         assert session.agent is not None and _roles_alternate(session.agent.messages)
         assert session.agent.messages[-1]["role"] == "assistant"
@@ -187,8 +196,8 @@ async def test_provider_failure_mid_stream(tmp_path: Path, error, code, detail_p
         assert set(kinds(seen[:-1])) == {"content"} and kinds(seen)[-1] == "error"
         assert text_of(seen) == "word0 word1 word2 "  # everything sent before the failure arrives
         assert seen[-1].error.code == code.name
-        await _until(lambda: served.server.admission.in_flight == 0)
-        assert not served.server.registry._sessions["failing"].busy
+        await _until(lambda: served.server.admission.in_flight == 0 and served.server.runner.settling == 0)
+        assert not session_of(served, "failing").busy
 
 
 async def test_no_tasks_leak_after_many_calls(served: Running) -> None:

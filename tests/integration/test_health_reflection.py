@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent_service.proto import agent_pb2
-from tests.support.servers import Running, collect, kinds, make_settings, running_server
+from tests.support.servers import Running, collect, kinds, make_settings, running_server, session_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -64,7 +64,7 @@ async def test_drain_cancels_streams_that_outlive_the_grace(tmp_path: Path) -> N
             await collect(call)  # grpc delivers the status after the messages already sent
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert served.server.admission.in_flight == 0
-        assert not served.server.registry._sessions["drained"].busy
+        assert not session_of(served, "drained").busy
 
 
 async def _list_services(channel: grpc.aio.Channel) -> list[str]:

@@ -26,7 +26,8 @@ def _value(samples, name: str, **labels: str) -> float:
 
 
 async def test_metrics_follow_the_traffic(tmp_path: Path, span_exporter) -> None:
-    settings = make_settings(tmp_path, max_concurrent_streams=2, demo_token_delay_ms=5)
+    # 20 ms a word: the two slow answers (about 65 words) stream for over a second, so they are surely in flight.
+    settings = make_settings(tmp_path, max_concurrent_streams=2, demo_token_delay_ms=20)
     async with running_server(settings, traced=True) as served:
         url = f"http://127.0.0.1:{served.server.metrics_endpoint.port}/metrics"
         ok = await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="what is 3*3", session_id="m1")))
@@ -48,9 +49,10 @@ async def test_metrics_follow_the_traffic(tmp_path: Path, span_exporter) -> None
     samples = _samples(text)
     assert _value(samples, "agent_streams_in_flight", method="StreamChat") == 0
     assert _value(samples, "agent_streams_started_total", method="StreamChat") == 5
-    assert _value(samples, "agent_streams_finished_total", method="StreamChat", code="OK") == 3
-    assert _value(samples, "agent_streams_finished_total", method="StreamChat", code="INVALID_ARGUMENT") == 1
-    assert _value(samples, "agent_streams_finished_total", method="StreamChat", code="RESOURCE_EXHAUSTED") == 1
+    finished = "agent_streams_finished_total"
+    assert _value(samples, finished, method="StreamChat", code="OK", fault="none") == 3
+    assert _value(samples, finished, method="StreamChat", code="INVALID_ARGUMENT", fault="client") == 1
+    assert _value(samples, finished, method="StreamChat", code="RESOURCE_EXHAUSTED", fault="server") == 1
     assert _value(samples, "agent_rejected_calls_total", method="StreamChat", reason="invalid_argument") == 1
     assert _value(samples, "agent_rejected_calls_total", method="StreamChat", reason="admission") == 1
     assert _value(samples, "agent_stream_time_to_first_chunk_seconds_count", method="StreamChat", model="demo") == 3
@@ -58,7 +60,7 @@ async def test_metrics_follow_the_traffic(tmp_path: Path, span_exporter) -> None
     gaps = _value(samples, "agent_stream_inter_chunk_seconds_count", method="StreamChat", model="demo")
     assert gaps == chunks - 3  # one gap fewer than chunks, per answer
     assert _value(samples, "agent_stream_text_chunks_sum", method="StreamChat") == chunks
-    assert _value(samples, "agent_stream_duration_seconds_count", method="StreamChat", code="OK") == 3
+    assert _value(samples, "agent_stream_duration_seconds_count", method="StreamChat", code="OK", fault="none") == 3
     assert _value(samples, "agent_tool_calls_total", tool="calculator", outcome="success") == 1
     assert _value(samples, "agent_tool_duration_seconds_count", tool="calculator") == 1
     output_tokens = _value(samples, "agent_model_tokens_total", type="output", model="demo")
@@ -72,6 +74,18 @@ async def test_metrics_follow_the_traffic(tmp_path: Path, span_exporter) -> None
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
     assert "agent_stream_time_to_first_chunk_seconds_bucket" in openmetrics.text
     assert '# {trace_id="' in openmetrics.text  # exemplars link samples to traces
+
+
+async def test_healthz_follows_the_drain(tmp_path: Path) -> None:
+    """The container health check's endpoint: 200 SERVING until the drain, then 503."""
+    async with running_server(make_settings(tmp_path)) as served:
+        url = f"http://127.0.0.1:{served.server.metrics_endpoint.port}/healthz"
+        async with httpx.AsyncClient() as client:
+            serving = await client.get(url)
+            assert (serving.status_code, serving.text.strip()) == (200, "SERVING")
+            served.server.core.begin_drain()
+            draining = await client.get(url)
+            assert (draining.status_code, draining.text.strip()) == (503, "NOT_SERVING")
 
 
 async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:

@@ -1,40 +1,32 @@
-"""The `agent-service` console script as a real process: start-up, SIGTERM drain, exit code."""
+"""The `agent-service` console script as a real process: start-up, SIGTERM drain, exit code, its log lines,
+and an event loop that stays responsive while a provider floods it."""
 
 from __future__ import annotations
 
-import os
+import asyncio
+import json
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent_service.proto import agent_pb2, agent_pb2_grpc
-from tests.support.servers import collect, free_port, kinds
+from tests.support.processes import CHANNEL_READY_S, service_process
+from tests.support.servers import collect, kinds, read_until_error
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 
-@pytest.fixture
-def service_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        AGENT_MODEL_PROVIDER="demo",
-        AGENT_GRPC_HOST="127.0.0.1",
-        AGENT_GRPC_PORT=str(port),
-        AGENT_DEMO_TOKEN_DELAY_MS="20",
-        AGENT_SHUTDOWN_GRACE_S="1.5",
-        AGENT_DATA_DIR=str(tmp_path),
-    )
-    process = subprocess.Popen([sys.executable, "-m", "agent_service.server"], env=env)
-    try:
-        yield process, f"127.0.0.1:{port}"
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+async def _ready(channel: grpc.aio.Channel) -> None:
+    await asyncio.wait_for(channel.channel_ready(), CHANNEL_READY_S)
 
 
 @pytest.mark.parametrize(
@@ -42,19 +34,81 @@ def service_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
     [(20, "done"), (1000, grpc.StatusCode.UNAVAILABLE)],
     ids=["finishes-within-grace", "cancelled-after-grace"],
 )
-async def test_sigterm_drains_then_exits_zero(service_process, reply_words: int, expected) -> None:
-    process, target = service_process
-    async with grpc.aio.insecure_channel(target) as channel:
-        await channel.channel_ready()
-        stub = agent_pb2_grpc.AgentServiceStub(channel)
-        # The demo model echoes the prompt, so a long prompt makes a long answer.
-        call = stub.StreamChat(agent_pb2.ChatRequest(content="word " * reply_words))
-        await call.read()
+async def test_sigterm_drains_then_exits_zero(tmp_path: Path, reply_words: int, expected) -> None:
+    with service_process(tmp_path) as service:
+        process, target = service.process, service.target
+        async with grpc.aio.insecure_channel(target) as channel:
+            await _ready(channel)
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            # The demo model echoes the prompt, so a long prompt makes a long answer.
+            call = stub.StreamChat(agent_pb2.ChatRequest(content="word " * reply_words))
+            await call.read()
+            process.send_signal(signal.SIGTERM)
+            if expected == "done":
+                assert kinds(await collect(call))[-1] == "done"
+            else:
+                _, error = await read_until_error(call)
+                assert error.code() == expected
+        assert process.wait(timeout=15) == 0
+
+
+async def test_an_undecodable_request_is_logged_like_any_call_without_a_traceback(tmp_path: Path) -> None:
+    with service_process(tmp_path) as service:
+        process, target = service.process, service.target
+        async with grpc.aio.insecure_channel(target) as channel:
+            await _ready(channel)
+            raw = channel.unary_stream("/agent.AgentService/StreamChat")
+            _, error = await read_until_error(raw(b"\x0a\x02\xff\xfe"))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         process.send_signal(signal.SIGTERM)
-        if expected == "done":
-            assert kinds(await collect(call))[-1] == "done"
-        else:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await collect(call)
-            assert caught.value.code() == expected
-    assert process.wait(timeout=15) == 0
+        assert process.wait(timeout=15) == 0
+        logged = service.log.read_text()
+    assert "Traceback" not in logged
+    lines = [json.loads(line) for line in logged.splitlines()]  # every line is JSON
+    ends = [line for line in lines if line.get("event") == "call.end"]
+    assert [(end["method"], end["status"], end["fault"]) for end in ends] == [
+        ("StreamChat", "INVALID_ARGUMENT", "client")
+    ]
+
+
+def _health_latencies(target: str, stop: threading.Event, latencies: list[float]) -> Callable[[], None]:
+    def run() -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="agent.AgentService")
+            while not stop.is_set():
+                started = time.monotonic()
+                stub.Check(request, timeout=30)
+                latencies.append(time.monotonic() - started)
+                stop.wait(0.02)
+
+    return run
+
+
+def test_a_buffered_provider_does_not_starve_health_checks(tmp_path: Path) -> None:
+    """A 100,000-word answer handed over without a pause (demo model, no delay) while health checks run.
+
+    The answer is read by grpcurl in a process of its own and the checks come from a
+    thread of this one, so what is measured is the service's own event loop.
+    """
+    settings = {"AGENT_DEMO_TOKEN_DELAY_MS": "0", "AGENT_DEMO_REPLY_WORDS": "100000", "AGENT_MAX_TOKENS": "200000"}
+    with service_process(tmp_path, **settings) as service:
+        target = service.target
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=CHANNEL_READY_S)
+        stop, latencies = threading.Event(), []
+        checker = threading.Thread(target=_health_latencies(target, stop, latencies))
+        checker.start()
+        try:
+            flood = subprocess.run(
+                [GRPCURL, "-plaintext", "-d", '{"content": "flood"}', target, "agent.AgentService/StreamChat"],
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
+        finally:
+            stop.set()
+            checker.join(timeout=30)
+    assert flood.stdout.count(b'"done"') == 1
+    assert len(latencies) >= 5, "the answer ended before the health checks could measure anything"
+    assert max(latencies) < 0.5, f"a health check waited {max(latencies):.2f} s behind the answer"

@@ -11,7 +11,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
 from agent_service.proto import agent_pb2
-from tests.support.servers import Running
+from tests.support.servers import Running, session_of
 
 SEED_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
 
@@ -79,4 +79,4 @@ async def test_a_client_generated_from_the_seed_proto_works(served: Running, tmp
     bidi = calls["BidirectionalChat"]
     assert bidi["text"] == "This is the demo model answering: helloThis is the demo model answering: again"
     assert calls["session"]["text"].endswith("hi")
-    assert "seed-client" in {s.session_id for s in served.server.registry._sessions.values()}
+    assert session_of(served, "seed-client").agent is not None

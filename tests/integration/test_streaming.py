@@ -114,7 +114,8 @@ async def test_concurrent_streams_interleave(tmp_path) -> None:
     """Twenty slow streams run at once: none waits for another (the seed's pool of 10 would)."""
     from tests.support.servers import make_settings, running_server
 
-    async with running_server(make_settings(tmp_path, demo_token_delay_ms=20, demo_reply_words=10)) as served:
+    # 100 words at 20 ms: each stream lasts 2 s, far longer than starting twenty of them, even on a busy machine.
+    async with running_server(make_settings(tmp_path, demo_token_delay_ms=20, demo_reply_words=100)) as served:
         calls = [served.stub.StreamChat(agent_pb2.ChatRequest(content=f"stream {i}")) for i in range(20)]
         firsts = await asyncio.gather(*(call.read() for call in calls))
         # Every stream delivered its first word before any stream finished.

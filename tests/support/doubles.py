@@ -65,3 +65,26 @@ class FailingModel(DemoModel):
         for index in range(self.words_before_failure):
             yield {"contentBlockDelta": {"delta": {"text": f"word{index} "}}}
         raise self.error
+
+
+class BigChunkModel(DemoModel):
+    """Streams `chunks` text deltas of `chunk_chars` characters each, all at once (a provider with a full buffer)."""
+
+    def __init__(self, chunks: int, chunk_chars: int, **config: Any) -> None:
+        super().__init__(**config)
+        self.chunks = chunks
+        self.chunk_chars = chunk_chars
+
+    async def stream(
+        self,
+        messages: Messages,
+        tool_specs: list[ToolSpec] | None = None,
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterable[StreamEvent]:
+        yield {"messageStart": {"role": "assistant"}}
+        yield {"contentBlockStart": {"start": {}}}
+        for index in range(self.chunks):
+            yield {"contentBlockDelta": {"delta": {"text": str(index % 10) * self.chunk_chars}}}
+        yield {"contentBlockStop": {}}
+        yield {"messageStop": {"stopReason": "end_turn"}}

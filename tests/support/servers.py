@@ -12,9 +12,11 @@ from typing import Any
 import grpc
 from strands.models import Model
 
+from agent_service.core.sessions import Session
 from agent_service.proto import agent_pb2, agent_pb2_grpc
 from agent_service.server import AgentServer
 from agent_service.settings import Settings
+from agent_service.store import ANONYMOUS, SessionKey
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -77,6 +79,13 @@ async def read_until_error(call: Any) -> tuple[list[agent_pb2.ChatResponse], grp
     except grpc.aio.AioRpcError as error:
         return responses, error
     raise AssertionError(f"the call succeeded after {len(responses)} responses")
+
+
+def session_of(running: Running, session_id: str) -> Session:
+    """The server's in-memory state of an anonymous caller's session (it must be cached)."""
+    session = running.server.registry.cached(SessionKey(ANONYMOUS, session_id))
+    assert session is not None, f"session {session_id!r} is not in memory"
+    return session
 
 
 def kinds(responses: Iterable[agent_pb2.ChatResponse]) -> list[str]:

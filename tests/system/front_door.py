@@ -49,6 +49,7 @@ def render_config(path: Path, **overrides: str) -> Path:
         "ENVOY_AGENT_HOST": "127.0.0.1",
         "ENVOY_HEALTH_INTERVAL": "0.5s",
         "ENVOY_DESCRIPTOR_SET": str(render.DESCRIPTOR_SET),
+        "ENVOY_WEB_ROOT": str(render.WEB_ROOT),
         # Nothing listens there: Envoy must work without a collector.
         "ENVOY_OTEL_HOST": "127.0.0.1",
         "ENVOY_OTEL_PORT": str(free_port()),

@@ -4,10 +4,12 @@ every variant, and that the settings that keep streams alive are there."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 import yaml
 
 from deploy.envoy import render
-from tests.config.stack import compose_model, envoy_render_env, init_container
+from tests.config.stack import compose_model, container, envoy_render_env, init_container, k8s_object
 from tests.system.front_door import REPO, envoy_command, render_config, self_signed_cert
 
 
@@ -112,8 +114,16 @@ def test_multi_line_values_are_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "ENVOY_AGENT_HOST" in result.stderr and not (tmp_path / "out.yaml").exists()
 
 
+def as_seen_by_envoy(text: str, mounts: Mapping[str, Path]) -> str:
+    """A rendered config with the paths of Envoy's container mounts mapped to their files here."""
+    for target, source in mounts.items():
+        text = text.replace(target.rstrip("/") + "/", str(source) + "/")
+    return text
+
+
 def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -> None:
-    """compose's one-shot `envoy-config` command, run here with its environment and mounts mapped."""
+    """compose's one-shot `envoy-config` command, run here with its environment and mounts mapped;
+    Envoy then validates it with its own mounts (the descriptor set, the chat page) mapped."""
     services = compose_model()["services"]
     one_shot = services["envoy-config"]
     rendered = tmp_path / "rendered"
@@ -124,32 +134,58 @@ def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -
     run_like_a_container(one_shot["command"], one_shot.get("environment") or {}, mounts)
     config = rendered / "envoy.yaml"
     assert config.read_text() == render.render({}, environ=one_shot.get("environment") or {})
-    # Envoy reads what it was told to, with the descriptor set at its mounted path mapped here.
-    assert services["envoy"]["command"][:2] == ["-c", f"{volume}/envoy.yaml"]
+    # Envoy reads what it was told to, and the files its config names where the envoy service mounts them.
+    envoy = services["envoy"]
+    assert envoy["command"][:2] == ["-c", f"{volume}/envoy.yaml"]
+    envoy_mounts = {v["target"]: Path(v["source"]) for v in envoy["volumes"] if v["type"] == "bind"}
+    assert envoy_mounts[render.variables()["ENVOY_WEB_ROOT"].default] == render.WEB_ROOT
     local = tmp_path / "local.yaml"
-    local.write_text(config.read_text().replace("/etc/envoy/agent.pb", str(render.DESCRIPTOR_SET)))
+    local.write_text(as_seen_by_envoy(config.read_text(), envoy_mounts))
     result = validate(local)
     assert result.returncode == 0, result.stderr
+    assert str(render.WEB_ROOT / "index.html") in local.read_text()
+
+
+def config_map_files(overlay: str, volume: dict[str, Any], directory: Path) -> Path:
+    """A ConfigMap volume's files laid out in `directory` as the kubelet lays them out (its `items`)."""
+    config_map = k8s_object(overlay, "ConfigMap", volume["configMap"]["name"])
+    files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
+    files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
+    items = {item["key"]: item["path"] for item in volume["configMap"].get("items", [])} or {k: k for k in files}
+    for key, path in items.items():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_bytes(files[key])
+    return directory
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
 def test_kubernetes_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path, overlay: str) -> None:
-    """The Envoy pod's init container command, run here with its environment and mounts mapped."""
+    """The Envoy pod's init container command, run here with its environment and mounts mapped; Envoy
+    then validates it with the pod's volumes (the ConfigMaps' files, prod's TLS Secret) laid out here."""
     init = init_container(overlay, "envoy", "envoy-config")
     rendered = tmp_path / "rendered"
     rendered.mkdir()
-    cert, key = self_signed_cert(tmp_path)
     mounts = {m["mountPath"]: rendered for m in init["volumeMounts"] if m["name"] == "rendered"}
     mounts |= {m["mountPath"]: REPO / "deploy/envoy" for m in init["volumeMounts"] if m["name"] == "template"}
     run_like_a_container(init["command"], envoy_render_env(overlay), mounts)
     text = (rendered / "envoy.yaml").read_text()
     assert text == render.render({}, environ=envoy_render_env(overlay))
+
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    envoy_mounts: dict[str, Path] = {}
+    for mount in container(overlay, "envoy")["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            envoy_mounts[mount["mountPath"]] = config_map_files(overlay, volume, tmp_path / mount["name"])
+        elif "secret" in volume:  # prod's TLS Secret: a certificate made here
+            (tmp_path / "tls").mkdir()
+            self_signed_cert(tmp_path / "tls")
+            envoy_mounts[mount["mountPath"]] = tmp_path / "tls"
     local = tmp_path / "local.yaml"
-    local.write_text(
-        text.replace("/etc/envoy/agent.pb", str(render.DESCRIPTOR_SET))
-        .replace("/etc/envoy-tls/tls.crt", str(cert))
-        .replace("/etc/envoy-tls/tls.key", str(key))
-    )
+    local.write_text(as_seen_by_envoy(text, envoy_mounts))
+    config_lines = [line for line in local.read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in config_lines if "/etc/" in line], "every file the config names comes from a volume"
     result = validate(local)
     assert result.returncode == 0, result.stderr
     listeners = [listener["name"] for listener in load(local)["static_resources"]["listeners"]]
@@ -172,6 +208,46 @@ def test_envoy_rejects_a_broken_render(tmp_path: Path) -> None:
     """The validation above can fail: a missing descriptor set is refused."""
     config = render_config(tmp_path / "envoy.yaml", ENVOY_DESCRIPTOR_SET=str(tmp_path / "missing.pb"))
     assert validate(config).returncode != 0
+
+
+def test_envoy_rejects_a_web_root_without_the_page(tmp_path: Path) -> None:
+    """The page's files are read at start: a wrong ENVOY_WEB_ROOT fails loudly, not with empty pages."""
+    config = render_config(tmp_path / "envoy.yaml", ENVOY_WEB_ROOT=str(tmp_path / "missing"))
+    result = validate(config)
+    assert result.returncode != 0 and "index.html" in result.stderr
+
+
+def test_the_chat_page_routes_shadow_nothing(tmp_path: Path) -> None:
+    """The page's routes are exact paths after the agent's prefixes and before the catch-all 404."""
+    hcm = by_name(load(render_config(tmp_path / "envoy.yaml"))["static_resources"]["listeners"], "front_door")[
+        "filter_chains"
+    ][0]["filters"][0]["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    matches = [{k: v for k, v in route["match"].items() if k != "headers"} for route in host["routes"]]
+    assert matches == [
+        {"prefix": "/agent.AgentService/"},
+        {"prefix": "/grpc.health.v1.Health/"},
+        {"prefix": "/grpc.reflection."},
+        {"path": "/"},
+        {"path": "/chat.js"},
+        {"path": "/chat.css"},
+        {"prefix": "/"},
+    ]
+    files = {
+        route["match"]["path"]: Path(route["direct_response"]["body"]["filename"])
+        for route in host["routes"]
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    }
+    assert {path: file.relative_to(render.WEB_ROOT).as_posix() for path, file in files.items()} == {
+        "/": "index.html",
+        "/chat.js": "dist/chat.js",
+        "/chat.css": "chat.css",
+    }
+    for route in host["routes"][3:6]:  # a POST to / (say) is not the page: it gets the 404
+        (header,) = route["match"]["headers"]
+        assert header == {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}
+    largest = max(file.stat().st_size for file in files.values())
+    assert largest < hcm["route_config"]["max_direct_response_body_size_bytes"] // 4  # room to grow
 
 
 def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
@@ -204,11 +280,18 @@ def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
         action = route["route"]
         assert action["cluster"] == "agent"
         assert action["timeout"] == "0s"
+        assert action["retry_policy"]["retry_on"] == "unavailable"
+        assert 1 <= action["retry_policy"]["num_retries"] <= 3
+        if route["match"]["prefix"].startswith("/grpc.health"):
+            # The agent ends a Watch at the deadline itself; an idle Watch is not idle.
+            assert "max_stream_duration" not in action
+            assert action["idle_timeout"] == "0s"
+            continue
         # Envoy enforces the client's deadline (no cap), never with an offset (see the template).
         assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
         assert action["hash_policy"] == [{"header": {"header_name": "x-session-id"}}]
-        assert action["retry_policy"]["retry_on"] == "unavailable"
-        assert 1 <= action["retry_policy"]["num_retries"] <= 3
+    mappers = hcm["local_reply_config"]["mappers"]
+    assert mappers[0]["body_format_override"]["content_type"] == "application/json"
 
     agent = by_name(resources["clusters"], "agent")
     assert agent["type"] == "STRICT_DNS"

@@ -69,6 +69,25 @@ async def test_health_through_envoy(door: FrontDoor) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_a_health_watch_with_a_deadline_ends_deadline_exceeded_through_envoy(door: FrontDoor) -> None:
+    """Envoy enforces the deadline too; a stream it resets reaches the client as INTERNAL (a third of the
+    time, before the service ended its Watch a margin before the deadline)."""
+    stub = health_pb2_grpc.HealthStub(door.channel)
+    request = health_pb2.HealthCheckRequest(service="agent.AgentService")
+
+    async def watch() -> grpc.StatusCode:
+        call = stub.Watch(request, timeout=0.3)
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    codes = [await watch() for _ in range(30)]
+    assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+
+
 async def test_a_client_deadline_ends_with_deadline_exceeded(tmp_path: Path) -> None:
     """Repeated on purpose: Envoy enforces grpc-timeout too, and if its stream reset won the race
     (the agent's AGENT_DEADLINE_MARGIN_MS set to 0 shows it) some calls would end INTERNAL instead."""

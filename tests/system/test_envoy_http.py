@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
 from agent_service.proto import agent_pb2
 from tests.system.conftest import FrontDoor, front_door
@@ -53,6 +54,30 @@ async def test_sse_with_invalid_input_is_an_http_error_with_the_grpc_status(door
     status = response.json()
     assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert status["message"] == "content must not be empty"
+
+
+@pytest.mark.parametrize(
+    ("body", "message_part"),
+    [
+        # The transcoder writes a corrupt map entry for an object value, silently: the agent decodes it.
+        ({"content": "hi", "metadata": {"a": {}}}, "not a valid agent.ChatRequest"),
+        ({"content": "hi", "metadata": {"a": {"b": "c"}}}, "not a valid agent.ChatRequest"),
+        # Envoy's own transcoding failures: JSON too, not text/plain.
+        ({"content": 5}, "invalid value 5"),
+        ({"content": "hi", "metadata": {"a": 1}}, "invalid value 1"),
+    ],
+    ids=["object-in-map", "nested-object-in-map", "number-for-string", "number-in-map"],
+)
+async def test_json_that_does_not_fit_the_contract_is_a_400_with_a_readable_json_status(
+    door: FrontDoor, body: dict, message_part: str
+) -> None:
+    async with httpx.AsyncClient(base_url=door.envoy.url, timeout=30) as client:
+        response = await client.post("/v1/chat:stream", json=body)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    status = response.json()
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert message_part in status["message"]
 
 
 async def test_grpc_web_streams_framed_messages_and_a_trailer_frame(door: FrontDoor) -> None:

@@ -149,7 +149,7 @@ async def test_make_run_demo_starts_without_the_model_and_keeps_the_access_log_i
                         pass
                     assert time.monotonic() < deadline, "the AgentCore face did not answer /ping"
                     await asyncio.sleep(0.2)
-                response = await client.post(f"{base}/invocations", json={"prompt": "what is 2+2?"})
+                response = await client.post(f"{base}/invocations", json={"prompt": "what is 2+2?", "stream": "events"})
                 metrics = await client.get(f"http://127.0.0.1:{ports['core_metrics']}/metrics")
             assert response.status_code == 200 and '"type": "done"' in response.text
             assert "4" in response.text

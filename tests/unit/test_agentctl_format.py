@@ -1,4 +1,4 @@
-"""Unit tests of agentctl's pure parts: output formatting, descriptors and argument parsing (no network)."""
+"""Unit tests of agentctl's pure parts: output formatting, arguments, call metadata, lines (no network)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 
-from agent_service.cli import agentctl
+from agent_service.cli import agentctl, chat, connect, exits, health, lines, render
+from agent_service.cli.args import effective_timeout, parse_args
+from agent_service.core.requests import resolve_session_id
 from agent_service.proto import agent_pb2
 
 
@@ -47,51 +48,51 @@ def _done() -> agent_pb2.ChatResponse:
 
 
 def test_content_goes_to_stdout_verbatim() -> None:
-    assert agentctl.format_event(_content("Hel")) == ("Hel", "")
-    assert agentctl.format_event(_content("lo"), at_line_start=False) == ("lo", "")
+    assert render.format_event(_content("Hel")) == ("Hel", "")
+    assert render.format_event(_content("lo"), at_line_start=False) == ("lo", "")
 
 
 def test_tool_use_starts_its_own_line() -> None:
     line = '[tool] calculator {"expression": "2+2"}\n'
-    assert agentctl.format_event(_tool_use(), at_line_start=False) == ("\n" + line, "")
-    assert agentctl.format_event(_tool_use(), at_line_start=True) == (line, "")
+    assert render.format_event(_tool_use(), at_line_start=False) == ("\n" + line, "")
+    assert render.format_event(_tool_use(), at_line_start=True) == (line, "")
 
 
 def test_tool_use_without_input_or_name() -> None:
     resp = agent_pb2.ChatResponse(tool_use=agent_pb2.ToolUse(tool_id="t9"))
-    assert agentctl.format_event(resp) == ("[tool] t9\n", "")
+    assert render.format_event(resp) == ("[tool] t9\n", "")
 
 
 def test_tool_result_success_and_error() -> None:
-    assert agentctl.format_event(_tool_result()) == ("[result] calculator: 2+2 = 4\n", "")
-    assert agentctl.format_event(_tool_result("error", "division by zero"), at_line_start=False) == (
+    assert render.format_event(_tool_result()) == ("[result] calculator: 2+2 = 4\n", "")
+    assert render.format_event(_tool_result("error", "division by zero"), at_line_start=False) == (
         "\n[result:error] calculator: division by zero\n",
         "",
     )
 
 
 def test_tool_result_keeps_a_single_trailing_newline() -> None:
-    assert agentctl.format_event(_tool_result(output="a\nb\n")) == ("[result] calculator: a\nb\n", "")
+    assert render.format_event(_tool_result(output="a\nb\n")) == ("[result] calculator: a\nb\n", "")
 
 
 def test_error_goes_to_stderr_after_ending_the_answer_line() -> None:
     resp = agent_pb2.ChatResponse(error=agent_pb2.Error(code="UNAVAILABLE", message="model down"))
-    assert agentctl.format_event(resp, at_line_start=False) == ("\n", "[error UNAVAILABLE] model down\n")
-    assert agentctl.format_event(resp, at_line_start=True) == ("", "[error UNAVAILABLE] model down\n")
+    assert render.format_event(resp, at_line_start=False) == ("\n", "[error UNAVAILABLE] model down\n")
+    assert render.format_event(resp, at_line_start=True) == ("", "[error UNAVAILABLE] model down\n")
 
 
 def test_done_summary() -> None:
     expected = "[done] stop=end_turn tokens in=12 out=34 events=5 123 ms"
-    assert agentctl.format_done(_done().done) == expected
-    assert agentctl.format_event(_done(), at_line_start=False) == ("\n", expected + "\n")
+    assert render.format_done(_done().done) == expected
+    assert render.format_event(_done(), at_line_start=False) == ("\n", expected + "\n")
 
 
 def test_unset_oneof_prints_nothing() -> None:
-    assert agentctl.format_event(agent_pb2.ChatResponse(event_id="e1")) == ("", "")
+    assert render.format_event(agent_pb2.ChatResponse(event_id="e1")) == ("", "")
 
 
 def test_format_json_is_one_line_with_proto_names() -> None:
-    line = agentctl.format_json(_done())
+    line = render.format_json(_done())
     assert "\n" not in line
     data = json.loads(line)
     assert data["done"]["stop_reason"] == "end_turn"
@@ -104,7 +105,7 @@ def test_format_json_is_one_line_with_proto_names() -> None:
 
 def test_renderer_tracks_line_state_and_errors() -> None:
     out, err = io.StringIO(), io.StringIO()
-    renderer = agentctl.Renderer(out, err)
+    renderer = render.Renderer(out, err)
     for resp in (_content("Let me compute."), _tool_use(), _tool_result(), _content("It is 4."), _done()):
         renderer.show(resp)
     assert out.getvalue() == (
@@ -119,13 +120,13 @@ def test_renderer_tracks_line_state_and_errors() -> None:
 
 def test_renderer_dims_the_summary_only_with_color() -> None:
     out, err = io.StringIO(), io.StringIO()
-    agentctl.Renderer(out, err, color=True).show(_done())
+    render.Renderer(out, err, color=True).show(_done())
     assert err.getvalue().startswith("\x1b[2m[done]") and err.getvalue().endswith("\x1b[0m\n")
 
 
 def test_renderer_json_mode() -> None:
     out, err = io.StringIO(), io.StringIO()
-    renderer = agentctl.Renderer(out, err, as_json=True)
+    renderer = render.Renderer(out, err, as_json=True)
     renderer.show(_content("hi"))
     renderer.show(agent_pb2.ChatResponse(error=agent_pb2.Error(code="INTERNAL", message="boom")))
     lines = out.getvalue().splitlines()
@@ -143,17 +144,17 @@ def test_renderer_json_mode() -> None:
 def test_health_status_names_and_exit_codes() -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    assert agentctl.status_name(serving) == "SERVING"
-    assert agentctl.status_name(not_serving) == "NOT_SERVING"
-    assert agentctl.status_name(99) == "UNKNOWN_STATUS(99)"
-    assert agentctl.health_exit_code(serving) == 0
-    assert agentctl.health_exit_code(not_serving) == 1
+    assert health.status_name(serving) == "SERVING"
+    assert health.status_name(not_serving) == "NOT_SERVING"
+    assert health.status_name(99) == "UNKNOWN_STATUS(99)"
+    assert health.health_exit_code(serving) == 0
+    assert health.health_exit_code(not_serving) == 1
 
 
 def test_rpc_exit_codes_are_distinct_from_generic_and_usage() -> None:
-    assert agentctl.rpc_exit_code(grpc.StatusCode.UNAVAILABLE) == 24
-    assert agentctl.rpc_exit_code(grpc.StatusCode.CANCELLED) == 11
-    assert agentctl.rpc_exit_code(None) == 1
+    assert exits.rpc_exit_code(grpc.StatusCode.UNAVAILABLE) == 24
+    assert exits.rpc_exit_code(grpc.StatusCode.CANCELLED) == 11
+    assert exits.rpc_exit_code(None) == 1
 
 
 class _FakeRpcError:
@@ -165,146 +166,91 @@ class _FakeRpcError:
 
 
 def test_format_rpc_error() -> None:
-    assert agentctl.format_rpc_error(_FakeRpcError()) == "error: UNAVAILABLE: failed to connect to all addresses"
-
-
-# --------------------------------------------------------------------------- descriptors
-
-
-def test_describe_service() -> None:
-    service = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
-    assert agentctl.describe_service(service) == (
-        "service agent.AgentService\n"
-        "  rpc StreamChat(agent.ChatRequest) returns (stream agent.ChatResponse)\n"
-        "  rpc BidirectionalChat(stream agent.ChatRequest) returns (stream agent.ChatResponse)"
-    )
-
-
-def test_describe_message_fields() -> None:
-    assert agentctl.describe_message(agent_pb2.ChatRequest.DESCRIPTOR) == (
-        "message agent.ChatRequest\n  content = 1 string\n  metadata = 2 map<string, string>\n  session_id = 3 string"
-    )
-    described = agentctl.describe_message(agent_pb2.ChatResponse.DESCRIPTOR)
-    assert "  done = 6 agent.Done (oneof response)" in described
-    assert "  sequence = 7 uint64\n" in described
-
-
-def _file_proto(descriptor: object) -> descriptor_pb2.FileDescriptorProto:
-    proto = descriptor_pb2.FileDescriptorProto()
-    descriptor.CopyToProto(proto)  # type: ignore[attr-defined]
-    return proto
-
-
-def test_pool_from_reflected_files_with_a_dependency() -> None:
-    agent = _file_proto(agent_pb2.DESCRIPTOR)
-    extra = descriptor_pb2.FileDescriptorProto(name="extra.proto", package="extra", dependency=[agent.name])
-    extra.message_type.add(name="Wrapper").field.add(
-        name="requests",
-        number=1,
-        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
-        type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
-        type_name=".agent.ChatRequest",
-    )
-    files = {extra.name: extra}
-    assert agentctl.missing_dependencies(files) == [agent.name]
-    files[agent.name] = agent
-    # agent.proto imports google/api/annotations.proto (and what that imports), as reflection would send.
-    pending = list(agent_pb2.DESCRIPTOR.dependencies)
-    while pending:
-        dependency = pending.pop()
-        files[dependency.name] = _file_proto(dependency)
-        pending.extend(dependency.dependencies)
-    assert agentctl.missing_dependencies(files) == []
-    pool = agentctl.build_pool(files)  # extra.proto first: its import must still be added before it
-    assert (
-        agentctl.describe_symbol(pool, "extra.Wrapper")
-        == "message extra.Wrapper\n  requests = 1 repeated agent.ChatRequest"
-    )
-    assert agentctl.describe_symbol(pool, "agent.AgentService").startswith("service agent.AgentService\n")
-    assert agentctl.describe_symbol(pool, "agent.AgentService.StreamChat") == (
-        "rpc StreamChat(agent.ChatRequest) returns (stream agent.ChatResponse)"
-    )
-    with pytest.raises(KeyError):
-        agentctl.describe_symbol(pool, "agent.Nope")
-
-
-def test_build_pool_reports_a_missing_import() -> None:
-    lone = descriptor_pb2.FileDescriptorProto(name="lone.proto", dependency=["gone.proto"])
-    with pytest.raises(agentctl.CliError, match=r"gone\.proto"):
-        agentctl.build_pool({lone.name: lone})
+    assert render.format_rpc_error(_FakeRpcError()) == "error: UNAVAILABLE: failed to connect to all addresses"
 
 
 # --------------------------------------------------------------------------- arguments
 
 
 def test_defaults() -> None:
-    args = agentctl.parse_args(["health"], environ={})
+    args = parse_args(["health"], environ={})
     assert args.target == "localhost:50051"
     assert args.tls is False and args.ca is None
-    assert args.service == ""
-    assert agentctl.effective_timeout(args) == 5.0
+    assert args.service == "" and args.token == ""
+    assert effective_timeout(args) == 5.0
 
 
-def test_target_from_environment_and_flag() -> None:
-    assert agentctl.parse_args(["list"], environ={"AGENTCTL_TARGET": "agent:9000"}).target == "agent:9000"
-    args = agentctl.parse_args(["--target", "h:1", "list"], environ={"AGENTCTL_TARGET": "agent:9000"})
-    assert args.target == "h:1"
+def test_target_and_token_from_environment_and_flags() -> None:
+    env = {"AGENTCTL_TARGET": "agent:9000", "AGENTCTL_TOKEN": "from-env"}
+    args = parse_args(["health"], environ=env)
+    assert (args.target, args.token) == ("agent:9000", "from-env")
+    args = parse_args(["--target", "h:1", "--token", "from-flag", "health"], environ=env)
+    assert (args.target, args.token) == ("h:1", "from-flag")
 
 
 def test_chat_options() -> None:
-    args = agentctl.parse_args(
+    args = parse_args(
         ["--timeout", "30", "chat", "--session", "s-1", "-m", "a=1", "--metadata", "b=x=y", "--json", "hello"],
         environ={},
     )
     assert (args.command, args.prompt, args.session, args.json) == ("chat", "hello", "s-1", True)
     assert args.metadata == [("a", "1"), ("b", "x=y")]
-    assert agentctl.effective_timeout(args) == 30.0
-    request = agentctl.build_request(args.prompt, args.session, args.metadata)
+    assert effective_timeout(args) == 30.0
+    request = chat.build_request(args.prompt, args.session, args.metadata)
     assert request.content == "hello" and request.session_id == "s-1"
     assert dict(request.metadata) == {"a": "1", "b": "x=y"}
 
 
 def test_chat_without_prompt_has_no_deadline() -> None:
-    args = agentctl.parse_args(["chat"], environ={})
+    args = parse_args(["chat"], environ={})
     assert args.prompt is None and args.metadata == [] and args.session == ""
-    assert agentctl.effective_timeout(args) is None
+    assert effective_timeout(args) is None
 
 
 def test_health_watch_has_no_default_deadline() -> None:
-    args = agentctl.parse_args(["health", "--watch", "agent.AgentService"], environ={})
+    args = parse_args(["health", "--watch", "agent.AgentService"], environ={})
     assert args.watch and args.service == "agent.AgentService"
-    assert agentctl.effective_timeout(args) is None
-
-
-def test_describe_default_symbol() -> None:
-    assert agentctl.parse_args(["describe"], environ={}).symbol == "agent.AgentService"
-    assert agentctl.parse_args(["describe", "agent.Done"], environ={}).symbol == "agent.Done"
+    assert effective_timeout(args) is None
 
 
 def test_tls_options() -> None:
-    args = agentctl.parse_args(["--tls", "--ca", "ca.pem", "list"], environ={})
+    args = parse_args(["--tls", "--ca", "ca.pem", "health"], environ={})
     assert args.tls and args.ca == "ca.pem"
-    assert agentctl.parse_args(["--plaintext", "list"], environ={}).tls is False
+    assert parse_args(["--plaintext", "health"], environ={}).tls is False
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         [],  # no command
-        ["--ca", "ca.pem", "list"],  # --ca without --tls
-        ["--tls", "--plaintext", "list"],
+        ["--ca", "ca.pem", "health"],  # --ca without --tls
+        ["--tls", "--plaintext", "health"],
         ["--timeout", "0", "health"],
         ["--timeout", "soon", "health"],
+        ["--token", "two words", "health"],
         ["chat", "-m", "novalue", "hi"],
         ["chat", "-m", "=v", "hi"],
+        ["chat", "--session", "caf\u00e9", "hi"],  # not sendable as the x-session-id header
+        ["list"],  # grpcurl's job now
+        ["describe"],
         ["bogus"],
     ],
 )
 def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        agentctl.parse_args(argv, environ={})
+        parse_args(argv, environ={})
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_a_bad_token_from_the_environment_is_a_usage_error_that_does_not_echo_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["health"], environ={"AGENTCTL_TOKEN": "secret\nvalue"})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "AGENTCTL_TOKEN" in err and "secret" not in err
 
 
 def test_main_returns_usage_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
@@ -313,15 +259,55 @@ def test_main_returns_usage_exit_code(capsys: pytest.CaptureFixture[str]) -> Non
     assert "chat" in capsys.readouterr().out
 
 
-def test_messages_after_a_prompt_start_on_a_new_line() -> None:
+# --------------------------------------------------------------------------- calls and sessions
+
+
+def test_call_metadata_carries_the_token_and_the_session() -> None:
+    assert connect.call_metadata() == ()
+    assert connect.call_metadata("t0k", "s-1") == (("authorization", "Bearer t0k"), ("x-session-id", "s-1"))
+    args = parse_args(["--token", "t0k", "--timeout", "3", "health"], environ={})
+    assert connect.call_options(args) == connect.CallOptions(3.0, (("authorization", "Bearer t0k"),))
+
+
+def test_new_session_ids_are_fresh_and_valid_for_the_service() -> None:
+    first, second = chat.new_session_id(), chat.new_session_id()
+    assert first != second
+    assert first.startswith("agentctl-") and len(first) == len("agentctl-") + 16
+    assert resolve_session_id({"session_id": first}) == first
+
+
+def test_history_path_follows_xdg() -> None:
+    assert lines.history_path({"XDG_STATE_HOME": "/state", "HOME": "/home/u"}).as_posix() == "/state/agentctl/history"
+    default = "/home/u/.local/state/agentctl/history"
+    assert lines.history_path({"HOME": "/home/u"}).as_posix() == default
+    assert lines.history_path({"XDG_STATE_HOME": "relative", "HOME": "/home/u"}).as_posix() == default
+
+
+def test_clean_text_replaces_undecodable_bytes() -> None:
+    assert lines.clean_text("plain é") == "plain é"
+    assert "\ufffd" in lines.clean_text(b"bad \xff".decode("utf-8", "surrogateescape"))
+    chat.build_request(lines.clean_text("\udcff"))  # protobuf accepts the result
+
+
+def test_piped_lines() -> None:
+    source = lines.PipedLines(io.BytesIO(b"first\r\nsecond \xff\n\nlast"))
+    with source:
+        assert [source.read() for _ in range(5)] == ["first", "second \ufffd", "", "last", None]
+    assert lines.PipedLines(None).read() is None
+
+
+# --------------------------------------------------------------------------- notes
+
+
+def test_notes_and_errors_start_on_a_new_line_on_stderr() -> None:
     out, err = io.StringIO(), io.StringIO()
-    renderer = agentctl.Renderer(out, err)
-    renderer.prompt("you> ")
-    renderer.error("error: DEADLINE_EXCEEDED: Deadline Exceeded")
-    assert err.getvalue() == "you> \nerror: DEADLINE_EXCEEDED: Deadline Exceeded\n"
-    renderer.prompt("you> ")
-    renderer.prompt_answered()  # Enter: the terminal already echoed the newline
+    renderer = render.Renderer(out, err)
     renderer.show(_content("partial"))
+    renderer.note("[cancelled]")
     renderer.error("error: UNAVAILABLE")
     assert out.getvalue() == "partial\n"
-    assert err.getvalue().endswith("you> error: UNAVAILABLE\n")
+    assert err.getvalue() == "[cancelled]\nerror: UNAVAILABLE\n"
+    colored = render.Renderer(io.StringIO(), err := io.StringIO(), color=True)
+    colored.note("[cancelled]")
+    colored.error("error: UNAVAILABLE")
+    assert err.getvalue() == "\x1b[2m[cancelled]\x1b[0m\nerror: UNAVAILABLE\n"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from agent_service.core import ChatError, ErrorKind
+from agent_service.core.requests import ChatInput, RequestLimits, resolve_session_id, validate
+from agent_service.core.runner import classify_failure
 from agent_service.models.demo import _plan_tool_call, _reply_words
-from agent_service.proto import agent_pb2
-from agent_service.runner import ErrorKind, classify_failure
-from agent_service.sessions import InvalidSessionIdError, validate_session_id
+from agent_service.rpc.codec import decode_request
 from agent_service.settings import DEFAULT_BEDROCK_MODEL_ID, Settings
-from agent_service.validation import InvalidRequestError, RequestLimits, validate_request
 
 TOOLS = {"calculator", "get_time", "weather"}
 
@@ -47,22 +47,58 @@ def test_demo_reply_length_is_configurable() -> None:
 
 @pytest.mark.parametrize("session_id", ["a", "A-b_c.9", "x" * 128, "_lead"])
 def test_valid_session_ids(session_id: str) -> None:
-    assert validate_session_id(session_id) == session_id
+    assert resolve_session_id({"session_id": session_id}) == session_id
 
 
 @pytest.mark.parametrize("session_id", ["", ".", "..", "../a", "a/b", "a\\b", "x" * 129, "ü", "a b", "a\x00"])
 def test_invalid_session_ids(session_id: str) -> None:
-    with pytest.raises(InvalidSessionIdError):
-        validate_session_id(session_id)
+    if not session_id:
+        assert resolve_session_id({"session_id": session_id}) == ""  # no id: a fresh conversation
+        return
+    with pytest.raises(ChatError, match="session id must be") as caught:
+        resolve_session_id({"session_id": session_id})
+    assert caught.value.kind is ErrorKind.INVALID_ARGUMENT
 
 
-def test_request_validation_prefers_the_field_and_accepts_metadata() -> None:
+def _decoded(header: str = "", **fields) -> ChatInput:
+    from agent_service.proto import agent_pb2
+
+    decoded = decode_request(agent_pb2.ChatRequest(**fields).SerializeToString(), header)
+    assert isinstance(decoded, ChatInput)
+    return decoded
+
+
+def test_request_validation_takes_the_field_metadata_or_header() -> None:
     limits = RequestLimits(100, 2, 10, 10)
-    assert validate_request(agent_pb2.ChatRequest(content="hi", session_id="s"), limits).session_id == "s"
-    request = agent_pb2.ChatRequest(content="hi", metadata={"session_id": "m"})
-    assert validate_request(request, limits).session_id == "m"
-    with pytest.raises(InvalidRequestError, match="metadata has 3 entries"):
-        validate_request(agent_pb2.ChatRequest(content="hi", metadata={"a": "", "b": "", "c": ""}), limits)
+    assert validate(_decoded(content="hi", session_id="s"), limits).session_id == "s"
+    assert validate(_decoded(content="hi", metadata={"session_id": "m"}), limits).session_id == "m"
+    assert validate(_decoded("h", content="hi"), limits).session_id == "h"
+    with pytest.raises(ChatError, match="session_id and the x-session-id header disagree"):
+        validate(_decoded("h", content="hi", session_id="s"), limits)
+    with pytest.raises(ChatError, match="metadata has 3 entries"):
+        validate(_decoded(content="hi", metadata={"a": "", "b": "", "c": ""}), limits)
+
+
+@pytest.mark.parametrize("text", ["\udc80", "ok \ud800 then"])
+def test_lone_surrogates_are_invalid_not_a_provider_failure(text: str) -> None:
+    with pytest.raises(ChatError, match="not valid Unicode") as caught:
+        validate(ChatInput(content=text), RequestLimits(100, 2, 10, 10))
+    assert caught.value.kind is ErrorKind.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x0a\x02\xff\xfe",  # content = invalid UTF-8
+        b"\x0a\x10hi",  # content longer than the message (truncated)
+        b"\xff\xff\xff",  # not a message at all
+    ],
+)
+def test_undecodable_requests_are_invalid_argument(data: bytes) -> None:
+    decoded = decode_request(data, "")
+    assert isinstance(decoded, ChatError)
+    assert decoded.kind is ErrorKind.INVALID_ARGUMENT
+    assert "not a valid agent.ChatRequest" in decoded.message
 
 
 def test_failure_classification_follows_the_cause_chain() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from agent_service.events import Finished, TextDelta, ToolCall, ToolNames, ToolOutcome, Usage, map_strands_event
+from agent_service.core.events import Finished, TextDelta, ToolCall, ToolNames, ToolOutcome, Usage, map_strands_event
 
 
 def _map(event, tools=None):

@@ -1,4 +1,4 @@
-"""Assembles the grpc.aio server: servicer, health, reflection, limits, signals and drain.
+"""Assembles the grpc.aio server around the chat core: servicer, health, reflection, metrics, drain.
 
 `AgentServer` is the whole service as an object (tests start several on
 ephemeral ports in one process); `main` is the `agent-service` console script.
@@ -7,7 +7,6 @@ ephemeral ports in one process); `main` is the `agent-service` console script.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import signal
@@ -19,21 +18,22 @@ from grpc_reflection.v1alpha import reflection
 from strands.models import Model
 
 from agent_service import __version__
-from agent_service.admission import Admission
+from agent_service.core import ChatCore
+from agent_service.core.admission import Admission
+from agent_service.core.runner import AgentRunner
+from agent_service.core.sessions import SessionRegistry
 from agent_service.logs import configure_logging
-from agent_service.models import build_model
-from agent_service.proto import agent_pb2, agent_pb2_grpc
-from agent_service.runner import AgentRunner
-from agent_service.servicer import AgentServicer
-from agent_service.sessions import AgentFactory, SessionRegistry
+from agent_service.rpc.health import HealthServicer
+from agent_service.rpc.servicer import SERVICE_NAME, AgentServicer
 from agent_service.settings import Settings
 from agent_service.telemetry import tracing
 from agent_service.telemetry.metrics import Metrics, MetricsEndpoint
-from agent_service.validation import RequestLimits
 
-SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the drain, what is left (health checks, reflection, calls racing the shutdown) gets this long.
+_FINAL_STOP_GRACE_S = 1.0
 
 
 class AgentServer:
@@ -43,15 +43,11 @@ class AgentServer:
         """`traced`: a global tracer provider is installed, so RPCs get server spans."""
         self.settings = settings
         self.log = structlog.get_logger("agent_service")
-        self.registry = SessionRegistry(AgentFactory(settings, model or build_model(settings)), settings)
-        self.runner = AgentRunner(self.registry, settings.cancel_grace_s, settings.coalesce_text)
-        self.admission = Admission(settings.max_concurrent_streams)
-        self.health = health.aio.HealthServicer()
         self.metrics: Metrics | None = None
         if settings.metrics_enabled:
             self.metrics = Metrics(settings.resolved_model_id(), __version__, settings.model_provider)
-            self.metrics.sessions_active.set_function(lambda: len(self.registry))
-            self.metrics.streams_limit.set(settings.max_concurrent_streams)
+        self.core = ChatCore(settings, model, self.metrics, self.log)
+        self.health = HealthServicer(settings.deadline_margin_ms / 1000)
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.server = grpc.aio.server(
             interceptors=[tracing.server_interceptor()] if traced else None,
@@ -65,26 +61,26 @@ class AgentServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        servicer = AgentServicer(
-            runner=self.runner,
-            registry=self.registry,
-            admission=self.admission,
-            limits=RequestLimits.from_settings(settings),
-            max_stream_duration_s=settings.max_stream_duration_s,
-            deadline_margin_s=settings.deadline_margin_ms / 1000,
-            bidi_read_ahead=settings.bidi_read_ahead,
-            log=self.log,
-            metrics=self.metrics,
-            model=settings.resolved_model_id(),
-        )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, self.server)
+        self.server.add_generic_rpc_handlers((AgentServicer(self.core).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         self.port = 0
-        self._evictor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def registry(self) -> SessionRegistry:
+        return self.core.registry
+
+    @property
+    def runner(self) -> AgentRunner:
+        return self.core.runner
+
+    @property
+    def admission(self) -> Admission:
+        return self.core.admission
 
     async def start(self) -> int:
         """Bind, start serving and report SERVING; returns the bound port."""
@@ -94,11 +90,14 @@ class AgentServer:
             raise OSError(f"could not bind {address}")
         await self.server.start()
         if self.metrics is not None:
-            self.metrics_endpoint = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            core = self.core
+            self.metrics_endpoint = self.metrics.serve(
+                self.settings.metrics_host, self.settings.metrics_port, serving=lambda: core.serving
+            )
         for name in HEALTH_SERVICES:
             await self.health.set(name, _SERVING)
-        interval = max(1.0, min(60.0, self.settings.session_idle_s / 4))
-        self._evictor = asyncio.create_task(self.registry.evict_idle_forever(interval))
+        self.core.store_monitor.on_change(self._store_changed)
+        await self.core.start()
         self.log.info(
             "server.start",
             address=address,
@@ -106,23 +105,36 @@ class AgentServer:
             provider=self.settings.model_provider,
             model=self.settings.resolved_model_id(),
             reflection=self.settings.reflection,
+            store=self.core.store.name,
             metrics_port=self.metrics_endpoint.port if self.metrics_endpoint else None,
         )
         return self.port
 
+    def _store_changed(self, available: bool) -> None:
+        """The agent service is ready only while its session store answers (the process itself stays live)."""
+        task = asyncio.get_running_loop().create_task(
+            self.health.set(SERVICE_NAME, _SERVING if available else _NOT_SERVING)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new calls, let streams finish within the grace, then cancel them."""
+        """Drain, then stop.
+
+        Health turns NOT_SERVING (Watch streams get it and end), new calls are refused
+        with UNAVAILABLE (proxies retry those on another replica), idle bidi streams
+        end, and answers in flight get the grace to finish; only then does the gRPC
+        server stop, cancelling whatever is left. With nothing in flight this takes
+        milliseconds, not the grace.
+        """
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        self.log.info("server.drain", grace_s=grace, streams_in_flight=self.admission.in_flight)
+        self.log.info("server.drain", grace_s=grace, streams_in_flight=self.core.admission.in_flight)
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.core.drain(grace)
+        await self.server.stop(_FINAL_STOP_GRACE_S)
         # Cancelled handlers finish their clean-up (and hand runs to the runner) after stop() returns.
-        await self.admission.wait_idle(timeout_s=5)
-        await self.runner.aclose(self.settings.cancel_grace_s * 2 + 1)
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
+        await self.core.admission.wait_idle(timeout_s=5)
+        await self.core.aclose()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         self._stopped.set()

@@ -90,11 +90,26 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(
         1000, ge=1, description="Streams served at once; more fail with RESOURCE_EXHAUSTED."
     )
+    max_streams_per_principal: int = Field(
+        100, ge=1, description="Streams one caller may hold at once (per principal; per address when anonymous)."
+    )
     max_content_chars: int = Field(32_000, ge=1, description="Longest accepted `content`, in characters.")
     max_metadata_entries: int = Field(16, ge=0, description="Most entries accepted in a request's `metadata` map.")
     max_metadata_key_chars: int = Field(64, ge=1, description="Longest accepted metadata key.")
     max_metadata_value_chars: int = Field(1024, ge=1, description="Longest accepted metadata value.")
     bidi_read_ahead: int = Field(8, ge=1, description="Requests of a bidi stream read ahead of the answer in progress.")
+    bidi_idle_s: float = Field(
+        300.0, gt=0, description="A bidi stream with no request for this long (and no answer in progress) is ended."
+    )
+    max_json_depth: int = Field(
+        32, ge=2, description="Deepest JSON nesting accepted by the HTTP doors (checked before parsing)."
+    )
+    provider_max_attempts: int = Field(
+        3, ge=1, description="Model calls per step when the provider throttles (1: no retry); never past the deadline."
+    )
+    provider_retry_delay_s: int = Field(
+        1, ge=0, description="Back-off before the first retry of a throttled model call, in s; doubles each retry."
+    )
 
     coalesce_text: bool = Field(
         True, description="Send text deltas that are already waiting as one event (no added delay; fewer messages)."
@@ -102,7 +117,7 @@ class Settings(BaseSettings):
 
     # --- time --------------------------------------------------------------
     max_stream_duration_s: float = Field(
-        300.0, gt=0, description="Longest an answer may run when the client sets no deadline."
+        300.0, gt=0, description="Longest a call may run, whatever deadline the client sets (the server's cap)."
     )
     deadline_margin_ms: float = Field(
         50.0,
@@ -116,13 +131,34 @@ class Settings(BaseSettings):
         20.0, ge=0, description="Time in-flight streams get to finish on SIGTERM before they are cancelled."
     )
 
+    # --- identity ----------------------------------------------------------
+    auth: bool = Field(
+        False, description="Require a bearer token (JWT) on every agent call; the principal is its `sub`."
+    )
+    jwt_issuer: str = Field("", description="Required `iss` of tokens (empty: any issuer).")
+    jwt_audiences: str = Field("", description="Accepted `aud` values, comma-separated (empty: not checked).")
+    jwks_file: Path | None = Field(None, description="JWKS file with the token signing keys (re-read when it changes).")
+    jwks_uri: str = Field("", description="JWKS URL with the token signing keys (fetched and refreshed in background).")
+    jwks_refresh_s: float = Field(300.0, gt=0, description="How often the JWKS is refreshed.")
+
     # --- sessions ----------------------------------------------------------
-    data_dir: Path = Field(Path("agent-data"), description="Directory where session histories are persisted.")
+    session_store: str = Field(
+        "files",
+        description="Where conversations live: `files` (under AGENT_DATA_DIR; one machine) or a redis[s]:// URL.",
+    )
+    session_lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="Redis store: a crashed replica's hold on a session expires after this long (renewed while alive).",
+    )
+    data_dir: Path = Field(Path("agent-data"), description="Directory of the files store (session histories, locks).")
     max_sessions: int = Field(
         1000, ge=1, description="Session agents kept in memory (least recently used evicted first)."
     )
     session_idle_s: float = Field(
-        900.0, gt=0, description="Idle time after which a session's agent leaves memory (history stays on disk)."
+        900.0,
+        gt=0,
+        description="Idle time after which a session's agent leaves memory (its history stays in the store).",
     )
 
     # --- telemetry ---------------------------------------------------------
@@ -150,6 +186,16 @@ class Settings(BaseSettings):
             return data
         provider = data.get("model_provider", cls.model_fields["model_provider"].default)
         return {**PROVIDER_DEFAULTS.get(str(provider), {}), **data}
+
+    @model_validator(mode="after")
+    def _auth_needs_keys(self) -> Settings:
+        if self.auth and not (self.jwks_file or self.jwks_uri):
+            raise ValueError("AGENT_AUTH=on needs AGENT_JWKS_FILE or AGENT_JWKS_URI (the token signing keys)")
+        if self.jwks_file and self.jwks_uri:
+            raise ValueError("set AGENT_JWKS_FILE or AGENT_JWKS_URI, not both")
+        if self.session_store != "files" and not self.session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("AGENT_SESSION_STORE must be `files` or a redis://, rediss:// or unix:// URL")
+        return self
 
     def resolved_model_id(self) -> str:
         """The model id actually used, after provider defaults."""

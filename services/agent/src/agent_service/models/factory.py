@@ -3,6 +3,10 @@
 A strands model holds configuration and a client, not conversation state, so one
 instance serves all agents; each session gets its own ``Agent`` around it.
 Provider SDKs are imported lazily so a deployment only needs the one it uses.
+
+The SDKs' own retries are off: strands retries throttled calls, bounded by the
+answer's deadline (`core/provider_retry.py`); two layers multiplied into nine
+provider requests and a DEADLINE_EXCEEDED where UNAVAILABLE was due.
 """
 
 from __future__ import annotations
@@ -46,13 +50,22 @@ def build_model(settings: Settings) -> Model:
         bedrock_config: dict[str, Any] = {"model_id": model_id, "max_tokens": settings.max_tokens}
         if settings.temperature is not None:
             bedrock_config["temperature"] = settings.temperature
-        return BedrockModel(region_name=settings.bedrock_region or None, **bedrock_config)
+        from botocore.config import Config  # type: ignore[import-untyped]
+
+        return BedrockModel(
+            region_name=settings.bedrock_region or None,
+            boto_client_config=Config(retries={"total_max_attempts": 1}),
+            **bedrock_config,
+        )
     if provider == "anthropic":
         from strands.models.anthropic import AnthropicModel
 
         api_key = settings.anthropic_api_key.get_secret_value() or os.environ.get("ANTHROPIC_API_KEY", "")
+        anthropic_args: dict[str, Any] = {"max_retries": 0}
+        if api_key:
+            anthropic_args["api_key"] = api_key
         return AnthropicModel(
-            client_args={"api_key": api_key} if api_key else None,
+            client_args=anthropic_args,
             model_id=model_id,
             max_tokens=settings.max_tokens,
             params=_sampling(settings),
@@ -86,6 +99,7 @@ def _openai_compatible(settings: Settings, model_id: str) -> Model:
             "base_url": settings.local_base_url.rstrip("/") + "/v1",
             "api_key": "local",
             "timeout": LOCAL_REQUEST_TIMEOUT_S,
+            "max_retries": 0,
         }
         params.setdefault("temperature", LOCAL_TEMPERATURE)
         params.setdefault("frequency_penalty", LOCAL_FREQUENCY_PENALTY)
@@ -93,7 +107,7 @@ def _openai_compatible(settings: Settings, model_id: str) -> Model:
         params["extra_body"] = {"repeat_penalty": repeat_penalty}
     else:
         api_key = settings.openai_api_key.get_secret_value() or os.environ.get("OPENAI_API_KEY", "")
-        client_args = {"api_key": api_key or None}
+        client_args = {"api_key": api_key or None, "max_retries": 0}
         if settings.openai_base_url:
             client_args["base_url"] = settings.openai_base_url
     return OpenAIModel(client_args=client_args, model_id=model_id, params=params)

@@ -9,11 +9,15 @@ the per-chunk cost is one histogram observation.
 
 from __future__ import annotations
 
+import socket
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics import Histogram as HistogramType
 
 TTFC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -25,6 +29,9 @@ COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 REJECT_ADMISSION = "admission"
 REJECT_INVALID = "invalid_argument"
 REJECT_BUSY = "session_busy"
+REJECT_DRAINING = "draining"
+REJECT_UNAUTHENTICATED = "unauthenticated"
+REJECT_CALLER_LIMIT = "caller_limit"
 
 
 class Metrics:
@@ -40,11 +47,14 @@ class Metrics:
             "agent_streams_started", "Streams received (admitted or not).", ["method"], registry=r
         )
         self.streams_finished = Counter(
-            "agent_streams_finished", "Streams ended, by gRPC status code.", ["method", "code"], registry=r
+            "agent_streams_finished",
+            "Streams ended, by status code and whose doing the outcome is (fault: none, client, server).",
+            ["method", "code", "fault"],
+            registry=r,
         )
         self.ttfc = Histogram(
             "agent_stream_time_to_first_chunk_seconds",
-            "Time from a request's arrival to the first event of its answer.",
+            "Time from a request being taken up to the first event of its answer.",
             ["method", "model"],
             buckets=TTFC_BUCKETS,
             registry=r,
@@ -58,8 +68,8 @@ class Metrics:
         )
         self.duration = Histogram(
             "agent_stream_duration_seconds",
-            "Stream duration, by final status code.",
-            ["method", "code"],
+            "Stream duration, by final status code and fault.",
+            ["method", "code", "fault"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
@@ -108,10 +118,37 @@ class Metrics:
             self.streams_started.labels(method)  # exported at 0 before the first call
         return bound
 
-    def serve(self, host: str, port: int) -> MetricsEndpoint:
-        """Serve /metrics (text or OpenMetrics with exemplars, as negotiated) on a thread of its own."""
-        server, thread = start_http_server(port, addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+    def serve(self, host: str, port: int, serving: Callable[[], bool] | None = None) -> MetricsEndpoint:
+        """Serve /metrics (text or OpenMetrics with exemplars, as negotiated) and /healthz on a thread of its own.
+
+        `/healthz` answers 200 `SERVING` while `serving()` is true, else 503 `NOT_SERVING`:
+        a container health check that costs a socket, not a gRPC client's start-up.
+        """
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok = serving is None or serving()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"SERVING\n" if ok else b"NOT_SERVING\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        address = host.strip("[]") or "0.0.0.0"
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+        server = make_server(address, port, app, Server, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
         return MetricsEndpoint(server, thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape or health check."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 @dataclass(frozen=True)

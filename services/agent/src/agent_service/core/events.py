@@ -1,8 +1,9 @@
-"""What an agent run produces, independent of gRPC, and how strands events map to it.
+"""What an answer is made of, independent of any transport, and how strands events map to it.
 
-The runner yields these; the servicer turns them into protobuf messages
-(`responses.py`) and the AgentCore face into SSE payloads. Mapping functions are
-pure, so each strands event shape is unit-tested without running an agent.
+The runner yields agent events (text, tool call, tool outcome, finished); the chat
+core numbers them into `Reply`s, closing each answer with `Done` or `Failure`; the
+adapters only encode replies. Mapping functions are pure, so each strands event
+shape is unit-tested without running an agent.
 """
 
 from __future__ import annotations
@@ -136,3 +137,39 @@ def usage_from_counts(usage: Mapping[str, Any]) -> Usage:
         output_tokens=int(usage.get("outputTokens", 0)),
         total_tokens=int(usage.get("totalTokens", 0)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The last event of a complete answer, with the answer's own accounting."""
+
+    stop_reason: str
+    usage: Usage
+    event_count: int  # events of this answer sent before this one
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The last event of a failed answer (or of one refused message of a bidi stream)."""
+
+    code: str  # the wire code: a gRPC status name
+    message: str
+
+
+ReplyEvent = TextDelta | ToolCall | ToolOutcome | Done | Failure
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One event as the caller receives it: numbered in the call, tagged with its turn and session."""
+
+    call_id: str
+    sequence: int
+    turn: int
+    session_id: str
+    event: ReplyEvent
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.call_id}-{self.sequence}"

@@ -1,27 +1,28 @@
-"""One RPC as seen from outside: status, timings, events, tokens; logged, counted and traced here.
+"""One call as seen from outside: outcome, timings, events, tokens; logged, counted and traced here.
 
-The servicer reports what happens to a call to this object and nowhere else, so
-log lines, metrics and span attributes about a stream come from one place
-instead of being sprinkled across the handlers. Intervals use the monotonic
-`perf_counter`; time to first chunk counts from the request's arrival. The
-per-chunk path is a clock read, two increments and one histogram observation.
-Prompts and answers are never logged.
+The chat core reports what happens to a call to this object and nowhere else, so
+log lines, metrics and span attributes come from one place on every door. Intervals
+use the monotonic `perf_counter`. Time to first chunk counts from the moment a
+request is taken up (for a bidi stream: each message, not the stream's opening, so
+a client's think time is not the server's latency). The per-chunk path is a clock
+read, two increments and one histogram observation. Prompts and answers are never
+logged.
 """
 
 from __future__ import annotations
 
 import time
 
-import grpc
 from opentelemetry import trace
 from structlog.typing import FilteringBoundLogger
 
-from agent_service.events import AgentEvent, Finished, TextDelta, ToolCall, ToolOutcome
+from agent_service.core.errors import ErrorKind, Fault
+from agent_service.core.events import Done, ReplyEvent, TextDelta, ToolCall, ToolOutcome
 from agent_service.telemetry.metrics import MethodMetrics
 
 
-class Call:
-    """Observes one RPC from arrival to its final status."""
+class CallObserver:
+    """Observes one call (a gRPC stream, an HTTP request) from arrival to its outcome."""
 
     def __init__(
         self,
@@ -32,12 +33,14 @@ class Call:
         model: str = "",
     ) -> None:
         self.method = method
-        self.status = grpc.StatusCode.OK
+        self.outcome: ErrorKind | None = None  # None: OK
+        self.fault = Fault.NONE
         self.session_id = ""
         self.events = 0
         self.text_chunks = 0
         self.input_tokens = 0
         self.output_tokens = 0
+        self.finished = False
         self._metrics = metrics
         self._started = self._turn_started = time.perf_counter()
         self._first_event_s: float | None = None
@@ -63,6 +66,11 @@ class Call:
     def log(self) -> FilteringBoundLogger:
         return self._log
 
+    @property
+    def status(self) -> str:
+        """The outcome's wire code ("OK" when none)."""
+        return "OK" if self.outcome is None else self.outcome.value
+
     def bind_session(self, session_id: str) -> None:
         """Tag the call's later log lines and its span with the session."""
         if session_id and session_id != self.session_id:
@@ -70,15 +78,19 @@ class Call:
             self._log = self._log.bind(session_id=session_id)
             self._span.set_attribute("gen_ai.conversation.id", session_id)
 
+    def bind_principal(self, principal: str) -> None:
+        """Tag the call's later log lines and its span with the caller (never its token)."""
+        self._log = self._log.bind(principal=principal)
+        self._span.set_attribute("enduser.id", principal)
+
     def turn_started(self) -> None:
-        """A request of the call starts being answered (the first one arrived with the call)."""
-        if self._turn_has_event:
-            self._turn_started = time.perf_counter()
+        """A request of the call is taken up: its time to first chunk counts from now."""
+        self._turn_started = time.perf_counter()
         self._turn_has_event = False
         self._last_chunk = None
 
-    def sent(self, event: AgentEvent | None = None) -> None:
-        """A response left for the client; `event` is what it carried (None for an error event)."""
+    def sent(self, event: ReplyEvent) -> None:
+        """An event is on its way to the client."""
         now = time.perf_counter()
         self.events += 1
         metrics = self._metrics
@@ -102,7 +114,7 @@ class Call:
                 family = metrics.metrics
                 family.tool_calls.labels(event.name, event.status).inc()
                 family.tool_duration.labels(event.name).observe(now - started)
-        elif isinstance(event, Finished):
+        elif isinstance(event, Done):
             self._answer_finished(event)
 
     def rejected(self, reason: str) -> None:
@@ -110,22 +122,30 @@ class Call:
         if self._metrics is not None:
             self._metrics.metrics.rejected.labels(self.method, reason).inc()
 
-    def finish(self) -> None:
-        """Record the end of the call: metrics, span attributes, the end-of-call log line."""
+    def finish(self, outcome: ErrorKind | None, fault: Fault | None = None) -> None:
+        """Record the end of the call once: metrics, span attributes, the end-of-call log line."""
+        if self.finished:
+            return
+        self.finished = True
+        self.outcome = outcome
+        self.fault = Fault.NONE if outcome is None else (fault or outcome.wire.fault)
         duration = time.perf_counter() - self._started
         ttfc_ms = None if self._first_event_s is None else round(self._first_event_s * 1000, 3)
+        status = self.status
         metrics = self._metrics
         if metrics is not None:
             family = metrics.metrics
             metrics.in_flight.dec()
-            family.streams_finished.labels(self.method, self.status.name).inc()
-            family.duration.labels(self.method, self.status.name).observe(duration, self._exemplar)
+            family.streams_finished.labels(self.method, status, self.fault.value).inc()
+            family.duration.labels(self.method, status, self.fault.value).observe(duration, self._exemplar)
             metrics.events.observe(self.events)
             metrics.text_chunks.observe(self.text_chunks)
         if self._span.is_recording():
             self._span.set_attributes(
                 {
-                    "rpc.grpc.status_code": self.status.value[0],
+                    "rpc.grpc.status_code": 0 if outcome is None else outcome.wire.grpc_number,
+                    "agent.status": status,
+                    "agent.fault": self.fault.value,
                     "agent.events": self.events,
                     "agent.text_chunks": self.text_chunks,
                     "gen_ai.usage.input_tokens": self.input_tokens,
@@ -136,7 +156,8 @@ class Call:
                 self._span.set_attribute("agent.time_to_first_chunk_ms", ttfc_ms)
         self._log.info(
             "call.end",
-            status=self.status.name,
+            status=status,
+            fault=self.fault.value,
             duration_ms=round(duration * 1000, 3),
             ttfc_ms=ttfc_ms,
             events=self.events,
@@ -145,7 +166,7 @@ class Call:
             output_tokens=self.output_tokens,
         )
 
-    def _answer_finished(self, event: Finished) -> None:
+    def _answer_finished(self, event: Done) -> None:
         self.input_tokens += event.usage.input_tokens
         self.output_tokens += event.usage.output_tokens
         if self._metrics is not None:
