@@ -60,7 +60,7 @@ run-agentcore: install ## The AgentCore Runtime face beside `make run`: HTTP on 
 test: lint typecheck test-main test-model ## Everything CI runs: lint, type check and every test (builds the model for the test that needs it)
 
 .PHONY: test-fast
-test-fast: install system-tools web-deps ## The edit loop: unit and integration tests without the model and the bench smoke test (under a minute)
+test-fast: install system-tools web-deps ## The edit loop: unit and integration tests without the model and the bench smoke test (about 5 min on 2 cores)
 	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 .PHONY: test-main

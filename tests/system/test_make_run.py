@@ -1,7 +1,7 @@
 """`make run` with the demo provider and `make run-agentcore` beside it, as processes on ephemeral ports.
 
 What a newcomer sees: no model build for the demo provider, a banner for the provider that runs,
-Envoy's access log in a file (not in the terminal), and Ctrl-C stopping everything.
+Envoy's access log in a file (not in the terminal), the chat page, and Ctrl-C stopping everything.
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ async def test_make_run_demo_starts_without_the_model_and_keeps_the_access_log_i
         assert "42" in text_of(answer)
         calls = await access_log_of(access_log, "/agent.AgentService/StreamChat")
         assert calls and calls[0]["grpc_status"] == "OK"
+
+        # The chat page, from the repository's deploy/web (render.WEB_ROOT), as the banner says.
+        page_url = f"http://127.0.0.1:{ports['envoy']}/"
+        assert f"{page_url}   the chat page" in output
+        async with httpx.AsyncClient(timeout=10) as client:
+            page = await client.get(page_url)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.content == (REPO / "deploy" / "web" / "index.html").read_bytes()
 
         # The AgentCore face beside it: its own HTTP and metrics ports, no collision.
         async with make_target(
