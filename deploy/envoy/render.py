@@ -3,14 +3,16 @@
 
     python deploy/envoy/render.py [-o OUT] [NAME=VALUE ...]
 
-Precedence: NAME=VALUE arguments, then environment variables, then the defaults
-declared in the template's `# @var NAME=default | meaning` lines. Rules (the
-container entrypoint docker-entrypoint.sh implements the same ones in awk):
+The one renderer of the template: `make run` and the tests import it; docker compose
+(the one-shot `envoy-config`) and Kubernetes (Envoy's init container) run it with the
+agent image's Python into a volume Envoy reads. Precedence: NAME=VALUE arguments,
+then environment variables, then the defaults declared in the template's
+`# @var NAME=default | meaning` lines. Rules:
 - a placeholder is a dollar sign and a declared NAME in braces; an undeclared one is an error;
 - lines whose first non-blank character is `#` are copied unchanged;
 - lines between `# @if NAME` and `# @endif` are kept only when NAME is on, true, yes or 1.
 
-Only the standard library: `make run` and the tests use it, and so can any host.
+Only the standard library, so any Python 3.11 runs it. Bad input exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -122,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides[name] = value
     try:
         config = render(overrides, template_text=args.template.read_text())
-    except RenderError as exc:
+        if args.out is None:
+            sys.stdout.write(config)
+        else:
+            args.out.write_text(config)
+    except (RenderError, OSError) as exc:
         print(f"render.py: {exc}", file=sys.stderr)
         return 2
-    if args.out is None:
-        sys.stdout.write(config)
-    else:
-        args.out.write_text(config)
     return 0
 
 

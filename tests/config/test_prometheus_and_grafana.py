@@ -82,28 +82,66 @@ def _panels(dashboard: dict) -> list[dict]:
     return panels
 
 
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_structure(path: Path) -> None:
+    """Importable into any Grafana: every panel, query and variable follows the `datasource` variable
+    (no hard-wired uid), and every query follows the instance variable."""
     dashboard = json.loads(path.read_text())
     assert dashboard["uid"] and dashboard["title"]
+    assert '"uid": "prometheus"' not in path.read_text(), "a hard-wired datasource uid"
     panels = _panels(dashboard)
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids)), f"duplicate panel ids in {path.name}"
-    uids = _datasource_uids()
+    first, *others = dashboard["templating"]["list"]
+    assert (first["name"], first["type"], first["query"]) == ("datasource", "datasource", "prometheus")
     variables = {variable["name"] for variable in dashboard["templating"]["list"]}
-    for variable in dashboard["templating"]["list"]:
-        assert variable["datasource"]["uid"] in uids
+    assert "instance" in variables
+    for variable in others:
+        assert variable["datasource"] == DATASOURCE, variable["name"]
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], f"panel without a query: {panel['title']}"
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] in uids
+            assert target["datasource"] == DATASOURCE
             used = set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval", "__interval", "__range"}
             assert used <= variables, f"{panel['title']}: undefined variables {used - variables}"
+            assert 'instance=~"$instance"' in target["expr"], f"{panel['title']} ignores the instance variable"
         width = panel["gridPos"]["x"] + panel["gridPos"]["w"]
         assert width <= 24, f"{panel['title']} overflows the grid"
+
+
+def _agent_dashboard_exprs() -> dict[str, list[str]]:
+    dashboard = json.loads((GRAFANA / "dashboards/agent-service.json").read_text())
+    return {p["title"]: [t["expr"] for t in p["targets"]] for p in _panels(dashboard) if p["type"] != "row"}
+
+
+def test_the_error_panels_show_server_faults_apart_from_client_outcomes() -> None:
+    exprs = _agent_dashboard_exprs()
+    (ratio,) = exprs["Server-fault ratio"]
+    numerator, denominator = ratio.rsplit(" / ", 1)
+    assert 'fault="server"' in numerator and "fault=" not in denominator, "server faults over all finished streams"
+    (client,) = exprs["Client-caused endings by status"]
+    assert 'fault="client"' in client and "by (method, code)" in client
+    rule = next(
+        r
+        for g in yaml.safe_load((PROMETHEUS / "rules/agent.yml").read_text())["groups"]
+        for r in g["rules"]
+        if r.get("record") == "agent:stream_error_ratio:rate5m"
+    )
+    assert 'fault="server"' in rule["expr"] and "code=" not in rule["expr"]
+
+
+def test_process_cpu_and_memory_of_the_agent_are_on_the_dashboard() -> None:
+    exprs = " ".join(e for es in _agent_dashboard_exprs().values() for e in es)
+    for metric in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert metric in exprs, metric
+    source = (DEPLOY.parent / "services/agent/src/agent_service/telemetry/metrics.py").read_text()
+    assert "ProcessCollector(registry=r)" in source
 
 
 def test_dashboard_uids_are_unique() -> None:

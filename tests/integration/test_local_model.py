@@ -57,3 +57,21 @@ async def test_local_model_streams_real_text(llama_server: str, tmp_path: Path) 
     assert kinds(responses)[-1] == "done"
     done = responses[-1].done
     assert done.usage.output_tokens > 0 and done.usage.input_tokens > 0
+
+
+@pytest.mark.slow
+async def test_the_local_defaults_are_accepted_by_llama_server_and_bound_the_answer(
+    llama_server: str, tmp_path: Path
+) -> None:
+    """No overrides: the local provider's prompt, penalties (repeat_penalty in the request body), 256 tokens."""
+    settings = make_settings(tmp_path, model_provider="local", local_base_url=llama_server)
+    assert (settings.max_tokens, settings.max_stream_duration_s) == (256, 30.0)
+    async with running_server(settings) as served:
+        async with asyncio.timeout(60):
+            responses = await collect(
+                served.stub.StreamChat(agent_pb2.ChatRequest(content="Write a haiku about the sea."))
+            )
+    assert kinds(responses)[-1] == "done"
+    done = responses[-1].done
+    assert text_of(responses).strip()
+    assert 0 < done.usage.output_tokens <= 256

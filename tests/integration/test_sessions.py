@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from agent_service.proto import agent_pb2
@@ -51,6 +52,10 @@ async def test_idle_sessions_leave_memory(tmp_path: Path) -> None:
     async with running_server(make_settings(tmp_path, session_idle_s=60)) as served:
         await collect(served.stub.StreamChat(agent_pb2.ChatRequest(content="hi", session_id="idle")))
         registry = served.server.registry
+        # The turn releases the session (and stamps last_used) just after its last event.
+        async with asyncio.timeout(5):
+            while session_of(served, "idle").busy:  # noqa: ASYNC110 - server state, no event to wait on
+                await asyncio.sleep(0.01)
         assert registry.evict_idle() == 0
         session_of(served, "idle").last_used -= 61
         assert registry.evict_idle() == 1

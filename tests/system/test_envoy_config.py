@@ -1,12 +1,15 @@
-"""The one Envoy template: how it renders (Python and the container entrypoint agree), that
-Envoy accepts every variant, and that the settings that keep streams alive are there."""
+"""The one Envoy template and its one renderer: how render.py renders, that the commands compose and
+Kubernetes run (render.py in the agent image) produce a config Envoy accepts, that Envoy accepts
+every variant, and that the settings that keep streams alive are there."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,8 @@ import pytest
 import yaml
 
 from deploy.envoy import render
-from tests.system.front_door import ENVOY, REPO, envoy_command, render_config, self_signed_cert
-
-ENTRYPOINT = REPO / "deploy" / "envoy" / "docker-entrypoint.sh"
+from tests.config.stack import compose_model, container, envoy_render_env, init_container, k8s_object
+from tests.system.front_door import REPO, envoy_command, render_config, self_signed_cert
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -38,23 +40,21 @@ def validate(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """docker-entrypoint.sh as the container runs it, with the real envoy binary first on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    if not (bin_dir / "envoy").exists():
-        (bin_dir / "envoy").symlink_to(ENVOY)
-    out = tmp_path / "entrypoint-rendered.yaml"
-    full_env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "ENVOY_TEMPLATE": str(render.TEMPLATE),
-        "ENVOY_CONFIG_OUT": str(out),
-        **env,
-    }
+def run_like_a_container(command: list[str], env: dict[str, str], mounts: dict[str, Path]) -> None:
+    """Run a container's render command here: the same render.py and environment, the command's paths mapped."""
+
+    def local(value: str) -> str:
+        for target, source in mounts.items():
+            if value == target or value.startswith(target + "/"):
+                return str(source) + value[len(target) :]
+        return value
+
+    assert command[0] == "python"
+    environ = {"PATH": os.environ["PATH"], **env}
     result = subprocess.run(
-        ["/bin/sh", str(ENTRYPOINT), *args], env=full_env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, *map(local, command[1:])], env=environ, capture_output=True, text=True, check=False
     )
-    return result, out
+    assert result.returncode == 0, result.stderr
 
 
 def test_every_placeholder_is_declared_with_a_default_and_a_meaning() -> None:
@@ -80,39 +80,118 @@ def test_precedence_is_argument_then_environment_then_default() -> None:
     ["x: ${NOPE}\n", "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n"],
     ids=["placeholder", "condition"],
 )
-def test_undeclared_names_are_errors_in_both_renderers(tmp_path: Path, template: str) -> None:
+def test_undeclared_names_are_errors(tmp_path: Path, template: str) -> None:
     with pytest.raises(render.RenderError):
         render.render({}, environ={}, template_text=template)
     (tmp_path / "t.yaml").write_text(template)
-    result, _ = run_entrypoint(tmp_path, {"ENVOY_TEMPLATE": str(tmp_path / "t.yaml")}, "--version")
-    assert result.returncode != 0 and "NOPE" in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(REPO / "deploy/envoy/render.py"), "--template", str(tmp_path / "t.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "NOPE" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_multi_line_values_are_refused_by_both_renderers(tmp_path: Path) -> None:
+def test_an_unreadable_template_or_unwritable_output_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    for args in (["--template", str(tmp_path / "missing.yaml")], ["-o", str(tmp_path / "no-such-dir" / "envoy.yaml")]):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "deploy/envoy/render.py"), *args], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 2 and result.stderr.startswith("render.py: ") and "Traceback" not in result.stderr
+
+
+def test_multi_line_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(render.RenderError):
         render.render({"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, environ={})
-    result, _ = run_entrypoint(tmp_path, {"ENVOY_AGENT_HOST": "agent\nadmin: {}"}, "--version")
-    assert result.returncode != 0 and "ENVOY_AGENT_HOST" in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(REPO / "deploy/envoy/render.py"), "-o", str(tmp_path / "out.yaml")],
+        env={"PATH": os.environ["PATH"], "ENVOY_AGENT_HOST": "agent\nadmin: {}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "ENVOY_AGENT_HOST" in result.stderr and not (tmp_path / "out.yaml").exists()
 
 
-@pytest.mark.parametrize("tls", ["off", "on"])
-def test_the_entrypoint_renders_exactly_like_render_py_and_envoy_accepts_it(tmp_path: Path, tls: str) -> None:
-    cert, key = self_signed_cert(tmp_path)
-    env = {
-        "ENVOY_TLS": tls,
-        "ENVOY_TLS_CERT": str(cert),
-        "ENVOY_TLS_KEY": str(key),
-        "ENVOY_DESCRIPTOR_SET": str(render.DESCRIPTOR_SET),
-        "ENVOY_WEB_ROOT": str(render.WEB_ROOT),
-        "ENVOY_AGENT_HOST": "agent.agents.svc.cluster.local",
-        "ENVOY_SERVICE_NAME": "front door & $HOME `x`",  # taken literally, never evaluated
-    }
-    result, out = run_entrypoint(tmp_path, env, "--mode", "validate", "--disable-hot-restart", "--log-level", "warn")
+def as_seen_by_envoy(text: str, mounts: Mapping[str, Path]) -> str:
+    """A rendered config with the paths of Envoy's container mounts mapped to their files here."""
+    for target, source in mounts.items():
+        text = text.replace(target.rstrip("/") + "/", str(source) + "/")
+    return text
+
+
+def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -> None:
+    """compose's one-shot `envoy-config` command, run here with its environment and mounts mapped;
+    Envoy then validates it with its own mounts (the descriptor set, the chat page) mapped."""
+    services = compose_model()["services"]
+    one_shot = services["envoy-config"]
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    mounts = {v["target"]: Path(v["source"]) for v in one_shot["volumes"] if v["type"] == "bind"}
+    (volume,) = [v["target"] for v in one_shot["volumes"] if v["type"] == "volume"]
+    mounts[volume] = rendered
+    run_like_a_container(one_shot["command"], one_shot.get("environment") or {}, mounts)
+    config = rendered / "envoy.yaml"
+    assert config.read_text() == render.render({}, environ=one_shot.get("environment") or {})
+    # Envoy reads what it was told to, and the files its config names where the envoy service mounts them.
+    envoy = services["envoy"]
+    assert envoy["command"][:2] == ["-c", f"{volume}/envoy.yaml"]
+    envoy_mounts = {v["target"]: Path(v["source"]) for v in envoy["volumes"] if v["type"] == "bind"}
+    assert envoy_mounts[render.variables()["ENVOY_WEB_ROOT"].default] == render.WEB_ROOT
+    local = tmp_path / "local.yaml"
+    local.write_text(as_seen_by_envoy(config.read_text(), envoy_mounts))
+    result = validate(local)
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
-    assert out.read_text() == render.render(env, environ={})
-    listeners = [listener["name"] for listener in load(out)["static_resources"]["listeners"]]
-    assert listeners == (["front_door", "front_door_tls", "metrics"] if tls == "on" else ["front_door", "metrics"])
+    assert str(render.WEB_ROOT / "index.html") in local.read_text()
+
+
+def config_map_files(overlay: str, volume: dict[str, Any], directory: Path) -> Path:
+    """A ConfigMap volume's files laid out in `directory` as the kubelet lays them out (its `items`)."""
+    config_map = k8s_object(overlay, "ConfigMap", volume["configMap"]["name"])
+    files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
+    files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
+    items = {item["key"]: item["path"] for item in volume["configMap"].get("items", [])} or {k: k for k in files}
+    for key, path in items.items():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_bytes(files[key])
+    return directory
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_kubernetes_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path, overlay: str) -> None:
+    """The Envoy pod's init container command, run here with its environment and mounts mapped; Envoy
+    then validates it with the pod's volumes (the ConfigMaps' files, prod's TLS Secret) laid out here."""
+    init = init_container(overlay, "envoy", "envoy-config")
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    mounts = {m["mountPath"]: rendered for m in init["volumeMounts"] if m["name"] == "rendered"}
+    mounts |= {m["mountPath"]: REPO / "deploy/envoy" for m in init["volumeMounts"] if m["name"] == "template"}
+    run_like_a_container(init["command"], envoy_render_env(overlay), mounts)
+    text = (rendered / "envoy.yaml").read_text()
+    assert text == render.render({}, environ=envoy_render_env(overlay))
+
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    envoy_mounts: dict[str, Path] = {}
+    for mount in container(overlay, "envoy")["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            envoy_mounts[mount["mountPath"]] = config_map_files(overlay, volume, tmp_path / mount["name"])
+        elif "secret" in volume:  # prod's TLS Secret: a certificate made here
+            (tmp_path / "tls").mkdir()
+            self_signed_cert(tmp_path / "tls")
+            envoy_mounts[mount["mountPath"]] = tmp_path / "tls"
+    local = tmp_path / "local.yaml"
+    local.write_text(as_seen_by_envoy(text, envoy_mounts))
+    config_lines = [line for line in local.read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in config_lines if "/etc/" in line], "every file the config names comes from a volume"
+    result = validate(local)
+    assert result.returncode == 0, result.stderr
+    listeners = [listener["name"] for listener in load(local)["static_resources"]["listeners"]]
+    assert listeners == (
+        ["front_door", "front_door_tls", "metrics"] if overlay == "prod" else ["front_door", "metrics"]
+    )
 
 
 @pytest.mark.parametrize("tls", ["off", "on"])

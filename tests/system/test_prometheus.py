@@ -54,6 +54,8 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     for path in sorted((DEPLOY / "grafana/dashboards").glob("*.json")):
         dashboard = json.loads(path.read_text())
         for variable in dashboard["templating"]["list"]:
+            if variable["type"] == "datasource":
+                continue
             metric = re.fullmatch(r"label_values\((\w+), \w+\)", variable["query"]["query"])
             assert metric, variable["query"]
             queries.append((f"{path.name} variable {variable['name']}", metric.group(1)))

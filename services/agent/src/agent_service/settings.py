@@ -7,7 +7,7 @@ environment (OpenTelemetry's standard `OTEL_*` variables excepted).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +18,16 @@ DEFAULT_BEDROCK_MODEL_ID = "us.anthropic.claude-3-7-sonnet-20250219-v1:0"
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant. You can do simple math calculations, tell the weather, and provide the current time."
 )
+# The prompt SmolLM2 was tuned with, plus a request for brevity: the 135M model keeps its facts
+# straight with it and drifts with longer or tool-centred prompts (measured, see the README).
+LOCAL_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Answer briefly."
+
+# Defaults that depend on the provider, used for settings not given (by argument or environment).
+# `local` runs a 135M model on the CPU: short answers, and a deadline under a minute, so an
+# answer that loops ends soon (a client's own deadline still wins when it is shorter).
+PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "local": {"system_prompt": LOCAL_SYSTEM_PROMPT, "max_tokens": 256, "max_stream_duration_s": 30.0},
+}
 
 
 class Settings(BaseSettings):
@@ -34,6 +44,14 @@ class Settings(BaseSettings):
     max_tokens: int = Field(1024, ge=1, description="Maximum output tokens per model call.")
     temperature: float | None = Field(
         None, ge=0, le=2, description="Sampling temperature; empty keeps the provider's default."
+    )
+    repeat_penalty: float | None = Field(
+        None,
+        gt=0,
+        description="llama-server's repeat_penalty (provider `local`; 1 is none); empty: the provider's default.",
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Frequency penalty (providers `local`, `openai`); empty: the provider's default."
     )
     local_base_url: str = Field(
         "http://127.0.0.1:8081", description="Base URL of the local llama-server (provider `local`)."
@@ -170,6 +188,15 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_defaults(cls, data: Any) -> Any:
+        """Fill in PROVIDER_DEFAULTS of the chosen provider for the settings not given."""
+        if not isinstance(data, dict):
+            return data
+        provider = data.get("model_provider", cls.model_fields["model_provider"].default)
+        return {**PROVIDER_DEFAULTS.get(str(provider), {}), **data}
 
     @model_validator(mode="after")
     def _auth_needs_keys(self) -> Settings:

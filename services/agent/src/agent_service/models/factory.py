@@ -19,6 +19,17 @@ from strands.models import Model
 from agent_service.models.demo import DemoModel
 from agent_service.settings import Settings
 
+# Sampling of provider `local` (SmolLM2-135M on llama-server) where the settings leave it empty:
+# a low temperature keeps the small model's facts straight, and the frequency penalty ends the
+# loops it otherwise falls into; a stronger repeat_penalty (1.1) cost correct answers (measured
+# with the real model, see the README). llama-server reads `repeat_penalty` as an extra field of
+# the request body; `frequency_penalty` is an OpenAI field.
+LOCAL_TEMPERATURE = 0.2
+LOCAL_REPEAT_PENALTY = 1.05
+LOCAL_FREQUENCY_PENALTY = 0.4
+# llama-server answers in seconds; a request hanging longer than this is a dead server.
+LOCAL_REQUEST_TIMEOUT_S = 60.0
+
 
 def build_model(settings: Settings) -> Model:
     """Build the model the settings name, with strands' own provider classes."""
@@ -75,20 +86,30 @@ def _openai_compatible(settings: Settings, model_id: str) -> Model:
     strands' ``LlamaCppModel`` buffers the whole answer, so llama-server is reached
     through its OpenAI-compatible API, which streams token by token.
     """
+    # The OpenAI SDK builds its chat-completions types on first use (over a second on 2 cores):
+    # importing them here moves that cost from the first answer to start-up, before health SERVING.
+    import openai.resources.chat  # noqa: F401
     from strands.models.openai import OpenAIModel
 
+    params: dict[str, Any] = {"max_tokens": settings.max_tokens, **_sampling(settings)}
+    if settings.frequency_penalty is not None:
+        params["frequency_penalty"] = settings.frequency_penalty
     if settings.model_provider == "local":
         client_args: dict[str, Any] = {
             "base_url": settings.local_base_url.rstrip("/") + "/v1",
             "api_key": "local",
+            "timeout": LOCAL_REQUEST_TIMEOUT_S,
             "max_retries": 0,
         }
+        params.setdefault("temperature", LOCAL_TEMPERATURE)
+        params.setdefault("frequency_penalty", LOCAL_FREQUENCY_PENALTY)
+        repeat_penalty = LOCAL_REPEAT_PENALTY if settings.repeat_penalty is None else settings.repeat_penalty
+        params["extra_body"] = {"repeat_penalty": repeat_penalty}
     else:
         api_key = settings.openai_api_key.get_secret_value() or os.environ.get("OPENAI_API_KEY", "")
         client_args = {"api_key": api_key or None, "max_retries": 0}
         if settings.openai_base_url:
             client_args["base_url"] = settings.openai_base_url
-    params: dict[str, Any] = {"max_tokens": settings.max_tokens, **_sampling(settings)}
     return OpenAIModel(client_args=client_args, model_id=model_id, params=params)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics import Histogram as HistogramType
 
@@ -41,6 +41,7 @@ class Metrics:
         self.model = model
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
         self.streams_in_flight = Gauge("agent_streams_in_flight", "Streams being served.", ["method"], registry=r)
         self.streams_started = Counter(
             "agent_streams_started", "Streams received (admitted or not).", ["method"], registry=r
