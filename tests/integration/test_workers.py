@@ -188,6 +188,8 @@ async def test_the_files_store_lease_holds_across_workers_and_no_turn_is_lost(tm
             )
             assert error.code() == grpc.StatusCode.ABORTED
             assert kinds(await collect(racing))[-1] == "done"
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(timeout=30) == 0
     last = provider.histories()[-1]
     assert [text for role, text in last if role == "user"] == [f"turn {turn}" for turn in range(7)]
     assert all(a[0] != b[0] for a, b in itertools.pairwise(last))  # every answer kept between its prompts
@@ -215,6 +217,7 @@ async def test_sigterm_drains_every_worker_then_the_group_exits_zero(tmp_path: P
     assert lines[-1]["event"] == "server.stop" and lines[-1]["clean"] is True
     for pid in started["pids"]:
         assert not psutil.pid_exists(pid), f"worker {pid} outlived the group"
+    assert not Path(started["metrics_dir"]).exists()  # the workers' metric files go with the group
 
 
 async def test_a_killed_worker_is_restarted_and_health_returns(tmp_path: Path) -> None:

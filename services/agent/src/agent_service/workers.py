@@ -189,6 +189,7 @@ class Supervisor:
                     provider=self.settings.model_provider,
                     model=self.settings.resolved_model_id(),
                     metrics_port=self._endpoint.port if self._endpoint else None,
+                    metrics_dir=self._metrics_dir,
                 )
         return self._shutdown()
 
