@@ -210,6 +210,7 @@ def main() -> int:
     env.setdefault("AGENT_GRPC_PORT", str(DEFAULTS["grpc_port"].default))
     env.setdefault("AGENT_DATA_DIR", str(REPO / "agent-data"))
     env.setdefault("AGENT_LOG_FORMAT", "console")
+    env.setdefault("AGENT_WORKERS", "0")  # one gRPC worker process per core (README: Workers)
     model_port = env.setdefault("MODEL_PORT", "8081")
     env.setdefault("AGENT_LOCAL_BASE_URL", f"http://127.0.0.1:{model_port}")
     grace_s = float(env.get("AGENT_SHUTDOWN_GRACE_S", DEFAULTS["shutdown_grace_s"].default))

@@ -25,6 +25,7 @@ def _steady_spec(ctx: Context, target: str, users: int) -> LoadSpec:
         call_timeout_s=ideal * 5 + 5,
         time_cap_s=ideal * rounds * 3 + 10,
         warmup_calls=0,
+        streams_per_channel=ctx.sizes.capacity_streams_per_channel,
     )
 
 
@@ -57,13 +58,18 @@ def _collapsed(ctx: Context, row: Row) -> bool:
 def capacity(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     rows: list[Row] = []
-    baselines: dict[int, Row] = {}
+    baselines: dict[tuple[int, int], Row] = {}  # (processes, streams) -> the baseline's row
     slow = {"words": sizes.slow_tokens, "delay_ms": sizes.slow_delay_ms}
-    with procs.raw_server(ctx.log_dir, **slow) as raw:
-        rows += _levels(ctx, "baseline", raw.address, [raw], baselines)
-    with stack(ctx, **slow) as st:
-        rows += _levels(ctx, st.label, st.direct, st.processes(), baselines)
-        telemetry = st.telemetry
+    telemetry: dict[str, Any] = {}
+    for processes in sizes.capacity_workers:
+        with procs.raw_server(ctx.log_dir, processes=processes, **slow) as raw:
+            rows += _levels(ctx, baseline_label(processes), raw.address, [raw], baselines, processes)
+        if ctx.target and processes > 1:
+            rows.append(not_measured(f"target ({processes} workers)", "not measured: --target given"))
+            continue
+        with stack(ctx, workers=processes, **slow) as st:
+            rows += _levels(ctx, st.label, st.direct, st.processes(), baselines, processes)
+            telemetry = st.telemetry
     highest = {
         system: max((r["streams"] for r in rows if r["system"] == system and r.get("held")), default=None)
         for system in dict.fromkeys(r["system"] for r in rows)
@@ -77,14 +83,29 @@ def capacity(ctx: Context) -> dict[str, Any]:
             "held_when": f"TTFC p99 < {HELD_TTFC_P99_MS:g} ms, no errors, duration p99 <= ideal + "
             f"{HELD_DURATION_SLACK:.0%}",
             "load": "users start spread over one stream length; the second stream of each user is recorded",
+            "server_processes": "/".join(str(n) for n in sizes.capacity_workers),
+            "connections": f"one per {sizes.capacity_streams_per_channel} streams of each client process",
         },
         "stack_telemetry": telemetry,
         "highest_level_held": highest,
         "rows": rows,
+        "notes": [
+            "N workers (AGENT_WORKERS=N) are compared with a raw baseline of N processes on one port "
+            "(SO_REUSEPORT, forked like the workers); the kernel spreads connections across them, not calls",
+            "server CPU is summed over a group's processes; its RSS is the sum of their PSS (pages shared "
+            "since the fork counted once)",
+        ],
     }
 
 
-def _levels(ctx: Context, system: str, target: str, servers: list, baselines: dict[int, Row]) -> list[Row]:
+def baseline_label(processes: int) -> str:
+    return "baseline" if processes == 1 else f"baseline ({processes} processes)"
+
+
+def _levels(
+    ctx: Context, system: str, target: str, servers: list, baselines: dict[tuple[int, int], Row], processes: int
+) -> list[Row]:
+    """Every level of one system, up to where it collapses; each row beside the baseline of as many processes."""
     rows: list[Row] = []
     collapsed_at: int | None = None
     for users in ctx.sizes.capacity_levels:
@@ -92,9 +113,9 @@ def _levels(ctx: Context, system: str, target: str, servers: list, baselines: di
             rows.append(not_measured(system, f"skipped: far past capacity at {collapsed_at} streams", streams=users))
             continue
         row = _held(ctx, measure(ctx, system, _steady_spec(ctx, target, users), servers))
-        if system == "baseline":
-            baselines[users] = row
-        rows.append(compare(row, baselines.get(users)))
+        if system == baseline_label(processes):
+            baselines[(processes, users)] = row
+        rows.append(compare(row, baselines.get((processes, users))))
         if _collapsed(ctx, row):
             collapsed_at = users
     return rows

@@ -50,10 +50,13 @@ class Stack:
     envoy_process: ServerProcess | None = None
     envoy_reason: str | None = None  # why there is no Envoy path
     telemetry: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # AGENT_WORKERS of the service
 
     @property
     def label(self) -> str:
-        return "direct" if self.service is not None else "target"
+        if self.service is None:
+            return "target"
+        return "direct" if self.workers == 1 else f"direct ({self.workers} workers)"
 
     def processes(self, through_envoy: bool = False) -> list[ServerProcess]:
         found = [self.service] if self.service is not None else []
@@ -116,18 +119,24 @@ def stack(
     telemetry: str | None = None,
     uvloop: bool = False,
     with_envoy: bool = False,
+    workers: int = 1,
 ) -> Iterator[Stack]:
-    """The service as a process (or the --target address), and Envoy in front of it when asked and possible."""
+    """The service as a process (or the --target address), and Envoy in front of it when asked and possible.
+
+    `workers`: the service's AGENT_WORKERS (worker processes sharing its port).
+    """
     if ctx.target:
         reason = "not measured: --target given (point --target at the Envoy to measure it)"
         yield Stack(direct=ctx.target, service=None, envoy_reason=reason if with_envoy else None)
         return
     mode = telemetry or ctx.telemetry
     env = telemetry_env(ctx, mode)
-    started = procs.service(ctx.log_dir, ctx.data_dir, words=words, delay_ms=delay_ms, telemetry_env=env, uvloop=uvloop)
+    started = procs.service(
+        ctx.log_dir, ctx.data_dir, words=words, delay_ms=delay_ms, telemetry_env=env, uvloop=uvloop, workers=workers
+    )
     with started as service:
         info = {"mode": mode, "metrics_endpoint": metrics_served(env)}
-        result = Stack(direct=service.address, service=service, telemetry=info)
+        result = Stack(direct=service.address, service=service, telemetry=info, workers=workers)
         if not with_envoy:
             yield result
             return

@@ -20,6 +20,11 @@ class Sizes:
     slow_tokens: int = 100
     capacity_levels: tuple[int, ...] = (100, 250, 500, 1000, 2000)
     capacity_rounds: int = 2  # streams per user; the first round is the ramp and is not recorded
+    # Server processes measured in scenario 3: the service with AGENT_WORKERS=N beside a raw baseline of N
+    # processes on one port. The kernel spreads connections, not calls, so the load opens one connection
+    # per `capacity_streams_per_channel` streams of each client process.
+    capacity_workers: tuple[int, ...] = (1, 2)
+    capacity_streams_per_channel: int = 5
     seed_streams: int = 100
     # 6. levers
     strands_tokens: int = 1000

@@ -1,7 +1,10 @@
 """Server processes under measurement: start, wait until ready, read CPU time and RSS, stop.
 
 Every server (the agent service, the raw baseline, the seed server, Envoy) runs as its own
-process on 127.0.0.1 and an ephemeral port, so its CPU time and memory are its own.
+process on 127.0.0.1 and an ephemeral port, so its CPU time and memory are its own. A server
+of several processes (`AGENT_WORKERS`, the raw baseline's `--processes`) is measured as a
+whole: CPU time summed over the process and its children, memory as the sum of their PSS
+(pages the fork shares counted once, not once per process as RSS would).
 """
 
 from __future__ import annotations
@@ -51,18 +54,38 @@ class ServerProcess:
     address: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    listeners: int = 1  # processes that listen on the port once the server is ready
     proc: psutil.Process = field(init=False)
 
     def __post_init__(self) -> None:
         self.proc = psutil.Process(self.popen.pid)
 
+    def _group(self) -> list[psutil.Process]:
+        """The process and its children (a supervisor's workers)."""
+        try:
+            return [self.proc, *self.proc.children(recursive=True)]
+        except psutil.Error:
+            return [self.proc]
+
     def cpu_s(self) -> float:
-        """User + system CPU time of the process (all its threads) so far."""
-        times = self.proc.cpu_times()
-        return float(times.user + times.system)
+        """User + system CPU time of the process (all its threads) and its children so far."""
+        total = 0.0
+        for process in self._group():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
+        """Resident memory: the RSS of a single process, the sum of PSS of a group."""
+        group = self._group()
+        if len(group) == 1:
+            return int(self.proc.memory_info().rss)
+        total = 0
+        for process in group:
+            with contextlib.suppress(psutil.Error):
+                total += int(process.memory_full_info().pss)
+        return total
 
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -78,10 +101,23 @@ class ServerProcess:
                     raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
                 try:
                     grpc.channel_ready_future(channel).result(timeout=0.5)
-                    return
+                    if self._listening() >= self.listeners:
+                        return
+                    time.sleep(0.05)  # the other processes of a group are still starting
                 except grpc.FutureTimeoutError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.name} not ready at {self.address}:\n{self.log_tail()}") from None
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not ready at {self.address}:\n{self.log_tail()}") from None
+
+    def _listening(self) -> int:
+        """Processes of the group with a listening socket on the server's port."""
+        port = int(self.address.rsplit(":", 1)[1])
+        count = 0
+        for process in self._group():
+            with contextlib.suppress(psutil.Error):
+                sockets = process.net_connections(kind="tcp")
+                count += any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in sockets)
+        return count
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.popen.poll() is None:
@@ -95,14 +131,20 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running(
-    name: str, argv: Sequence[str], port: int, env: Mapping[str, str], log_dir: Path, ready_timeout_s: float = 60.0
+    name: str,
+    argv: Sequence[str],
+    port: int,
+    env: Mapping[str, str],
+    log_dir: Path,
+    ready_timeout_s: float = 60.0,
+    listeners: int = 1,
 ) -> Iterator[ServerProcess]:
-    """Start `argv` as a server listening on 127.0.0.1:`port`, yield it once ready, stop it after."""
+    """Start `argv` as a server listening on 127.0.0.1:`port` (in `listeners` processes), yield it once ready."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     with log_path.open("wb") as log:
         popen = subprocess.Popen(list(argv), env=dict(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(name, f"127.0.0.1:{port}", popen, log_path)
+    server = ServerProcess(name, f"127.0.0.1:{port}", popen, log_path, listeners)
     try:
         server.wait_ready(ready_timeout_s)
         yield server
@@ -111,12 +153,13 @@ def running(
 
 
 def raw_server(
-    log_dir: Path, *, words: int, delay_ms: float, coalesce: int = 1, loop: str = "asyncio"
+    log_dir: Path, *, words: int, delay_ms: float, coalesce: int = 1, loop: str = "asyncio", processes: int = 1
 ) -> contextlib.AbstractContextManager[ServerProcess]:
     port = free_port()
     argv = [sys.executable, "-m", "tests.bench.servers", "raw", f"--port={port}", f"--words={words}"]
-    argv += [f"--delay-ms={delay_ms}", f"--coalesce={coalesce}", f"--loop={loop}"]
-    return running(f"raw-{loop}-c{coalesce}", argv, port, clean_env({}), log_dir)
+    argv += [f"--delay-ms={delay_ms}", f"--coalesce={coalesce}", f"--loop={loop}", f"--processes={processes}"]
+    name = f"raw-{loop}-c{coalesce}" + (f"-p{processes}" if processes > 1 else "")
+    return running(name, argv, port, clean_env({}), log_dir, listeners=processes)
 
 
 def seed_server(
@@ -136,8 +179,9 @@ def service(
     delay_ms: float,
     telemetry_env: Mapping[str, str],
     uvloop: bool = False,
+    workers: int = 1,
 ) -> contextlib.AbstractContextManager[ServerProcess]:
-    """The agent service as `python -m agent_service.server` with the demo model."""
+    """The agent service as `python -m agent_service.server` with the demo model (`workers`: AGENT_WORKERS)."""
     port = free_port()
     env = clean_env(
         {
@@ -153,11 +197,13 @@ def service(
             "AGENT_LOG_FORMAT": "json",
             "AGENT_DATA_DIR": str(data_dir),
             "AGENT_SHUTDOWN_GRACE_S": "2",
+            "AGENT_WORKERS": str(workers),
             **telemetry_env,
         }
     )
     argv = [sys.executable, "-c", _UVLOOP_SERVICE] if uvloop else [sys.executable, "-m", "agent_service.server"]
-    return running("service-uvloop" if uvloop else "service", argv, port, env, log_dir)
+    name = ("service-uvloop" if uvloop else "service") + (f"-w{workers}" if workers > 1 else "")
+    return running(name, argv, port, env, log_dir, listeners=workers)
 
 
 class RssSampler:

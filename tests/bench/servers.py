@@ -3,7 +3,8 @@
 - `raw`: the baseline. A minimal grpc.aio server on the service's own stubs that streams the
   same number of same-sized `ChatResponse` chunks as the demo model (same words, event ids,
   sequence numbers, a final `done`), with the same per-token delay: no agent, no telemetry.
-  `--coalesce K` sends K tokens per message (the coalescing lever), `--loop uvloop` the loop lever.
+  `--coalesce K` sends K tokens per message (the coalescing lever), `--loop uvloop` the loop lever,
+  `--processes N` runs N of them on one port (SO_REUSEPORT), the baseline of `AGENT_WORKERS=N`.
 - `seed`: the seed's design. A sync `grpc.server(ThreadPoolExecutor(max_workers=10))` whose
   handler sleeps per token (`time.sleep`), so it holds 10 streams and the 11th waits a whole stream.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -98,8 +101,8 @@ class SeedServicer(agent_pb2_grpc.AgentServiceServicer):
 _OPTIONS = [("grpc.so_reuseport", 0)]
 
 
-async def serve_raw(port: int, words: int, delay_ms: float, coalesce: int) -> None:
-    server = grpc.aio.server(options=_OPTIONS)
+async def serve_raw(port: int, words: int, delay_ms: float, coalesce: int, reuseport: bool = False) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)] if reuseport else _OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(RawServicer(words, delay_ms, coalesce), server)
     if not server.add_insecure_port(f"127.0.0.1:{port}"):
         raise OSError(f"could not bind 127.0.0.1:{port}")
@@ -125,6 +128,39 @@ def serve_seed(port: int, words: int, delay_ms: float, workers: int) -> None:
     server.stop(0.5).wait()
 
 
+def _run_raw(port: int, words: int, delay_ms: float, coalesce: int, loop: str, reuseport: bool = False) -> None:
+    coroutine = serve_raw(port, words, delay_ms, coalesce, reuseport)
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(coroutine)
+    else:
+        asyncio.run(coroutine)
+
+
+def serve_raw_group(processes: int, port: int, words: int, delay_ms: float, coalesce: int, loop: str) -> None:
+    """`processes` raw servers on one port, forked before any gRPC object exists (as the service's workers are);
+    SIGTERM/SIGINT here stops them all."""
+    context = multiprocessing.get_context("fork")
+    children = [
+        context.Process(target=_run_raw, args=(port, words, delay_ms, coalesce, loop, True)) for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5) and all(child.is_alive() for child in children):
+        pass
+    for child in children:
+        if child.pid is not None and child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)
+    for child in children:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.servers", description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["raw", "seed"])
@@ -134,17 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coalesce", type=int, default=1, help="raw: tokens per message")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="raw: event loop")
     parser.add_argument("--workers", type=int, default=10, help="seed: thread pool size")
+    parser.add_argument("--processes", type=int, default=1, help="raw: server processes sharing the port")
     args = parser.parse_args(argv)
     if args.kind == "seed":
         serve_seed(args.port, args.words, args.delay_ms, args.workers)
-        return
-    coroutine = serve_raw(args.port, args.words, args.delay_ms, args.coalesce)
-    if args.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(coroutine)
+    elif args.processes > 1:
+        serve_raw_group(args.processes, args.port, args.words, args.delay_ms, args.coalesce, args.loop)
     else:
-        asyncio.run(coroutine)
+        _run_raw(args.port, args.words, args.delay_ms, args.coalesce, args.loop)
 
 
 if __name__ == "__main__":

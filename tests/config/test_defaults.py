@@ -29,6 +29,7 @@ REASONS: dict[tuple[str, str], str] = {
     ("image", "AGENT_DATA_DIR=/data"): "sessions live in the image's volume",
     ("image", "AGENT_LOG_FORMAT=json"): "log collectors read JSON, also when a container has a terminal",
     ("compose", "AGENT_LOCAL_BASE_URL=http://model:8081"): "llama-server is the compose service `model`",
+    ("compose", "AGENT_WORKERS=0"): "one machine, no replicas: one worker per core uses it (Kubernetes scales pods)",
     ("compose", "AGENT_OLLAMA_HOST=http://host.docker.internal:11434"): "Ollama runs on the Docker host, "
     "not on the container's loopback",
     ("k8s base", "AGENT_MODEL_PROVIDER=bedrock"): "the cluster runs no llama-server; Bedrock needs none "

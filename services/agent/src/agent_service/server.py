@@ -1,15 +1,21 @@
 """Assembles the grpc.aio server around the chat core: servicer, health, reflection, metrics, drain.
 
 `AgentServer` is the whole service as an object (tests start several on
-ephemeral ports in one process); `main` is the `agent-service` console script.
+ephemeral ports in one process); `main` is the `agent-service` console script:
+one process, or with `AGENT_WORKERS` > 1 a supervisor of that many worker
+processes on one port (`agent_service.workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 import structlog
@@ -39,13 +45,22 @@ _FINAL_STOP_GRACE_S = 1.0
 class AgentServer:
     """The agent service's gRPC server and everything it owns."""
 
-    def __init__(self, settings: Settings, model: Model | None = None, traced: bool = False) -> None:
-        """`traced`: a global tracer provider is installed, so RPCs get server spans."""
+    def __init__(
+        self, settings: Settings, model: Model | None = None, traced: bool = False, worker: int | None = None
+    ) -> None:
+        """`traced`: a global tracer provider is installed, so RPCs get server spans.
+
+        `worker`: this server is that worker of a group sharing its port (SO_REUSEPORT);
+        its metrics go to the group's multiprocess files, served by the supervisor.
+        """
         self.settings = settings
+        self.worker = worker
         self.log = structlog.get_logger("agent_service")
         self.metrics: Metrics | None = None
         if settings.metrics_enabled:
-            self.metrics = Metrics(settings.resolved_model_id(), __version__, settings.model_provider)
+            self.metrics = Metrics(
+                settings.resolved_model_id(), __version__, settings.model_provider, multiprocess=worker is not None
+            )
         self.core = ChatCore(settings, model, self.metrics, self.log)
         self.health = HealthServicer(settings.deadline_margin_ms / 1000)
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -54,7 +69,8 @@ class AgentServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a taken port must fail, not be silently shared
+                # Alone, a taken port must fail, not be silently shared; a worker shares its group's port.
+                ("grpc.so_reuseport", 0 if worker is None else 1),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -89,7 +105,7 @@ class AgentServer:
         if not self.port:
             raise OSError(f"could not bind {address}")
         await self.server.start()
-        if self.metrics is not None:
+        if self.metrics is not None and self.worker is None:
             core = self.core
             self.metrics_endpoint = self.metrics.serve(
                 self.settings.metrics_host, self.settings.metrics_port, serving=lambda: core.serving
@@ -144,9 +160,17 @@ class AgentServer:
         await self._stopped.wait()
 
 
-async def serve(settings: Settings, traced: bool) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    server = AgentServer(settings, traced=traced)
+async def serve(
+    settings: Settings,
+    traced: bool,
+    worker: int | None = None,
+    alongside: Callable[[AgentServer, asyncio.Event], Coroutine[Any, Any, None]] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT (or `alongside` sets the event it is given), then drain.
+
+    `alongside` runs from start-up until the drain has ended (a worker's heartbeat).
+    """
+    server = AgentServer(settings, traced=traced, worker=worker)
     await server.start()
     # Everything imported and built so far lives as long as the process: move it out of the
     # collector's reach, so full collections scan only what calls allocate (GC pauses were
@@ -157,8 +181,13 @@ async def serve(settings: Settings, traced: bool) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    companion = loop.create_task(alongside(server, stop)) if alongside is not None else None
     await stop.wait()
     await server.stop()
+    if companion is not None:
+        companion.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await companion
 
 
 def main() -> None:
@@ -166,6 +195,10 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     tracing.record_content(settings.trace_content)
+    if (workers := settings.resolved_workers()) > 1:
+        from agent_service.workers import run_group  # imports this module: only now
+
+        sys.exit(run_group(settings, workers))
     provider = tracing.configure_tracing() if tracing.tracing_requested(os.environ) else None
     try:
         asyncio.run(serve(settings, traced=provider is not None))

@@ -6,6 +6,8 @@ environment (OpenTelemetry's standard `OTEL_*` variables excepted).
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +79,11 @@ class Settings(BaseSettings):
     # --- network -----------------------------------------------------------
     grpc_host: str = Field("[::]", description="Interface the gRPC server binds (all interfaces by default).")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    workers: int = Field(
+        1,
+        ge=0,
+        description="Worker processes serving the gRPC port together (0: one per usable CPU core; 1: one process).",
+    )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
     agentcore_host: str = Field(
@@ -208,6 +215,10 @@ class Settings(BaseSettings):
             raise ValueError("AGENT_SESSION_STORE must be `files` or a redis://, rediss:// or unix:// URL")
         return self
 
+    def resolved_workers(self) -> int:
+        """The number of gRPC worker processes: `workers`, or one per usable CPU core when it is 0."""
+        return self.workers or usable_cores()
+
     def resolved_model_id(self) -> str:
         """The model id actually used, after provider defaults."""
         if self.model_id:
@@ -220,3 +231,29 @@ class Settings(BaseSettings):
             "anthropic": "claude-3-7-sonnet-latest",
             "ollama": "llama3.2",
         }[self.model_provider]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's `cpus`).
+
+    `os.cpu_count()` alone counts the host's cores, so a container limited to two
+    would start a worker per host core.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota)) if quota else cores)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The cgroup's CPU quota in cores (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`); None when unlimited or unknown."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None

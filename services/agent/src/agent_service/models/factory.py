@@ -11,6 +11,8 @@ provider requests and a DEADLINE_EXCEEDED where UNAVAILABLE was due.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from typing import Any
 
@@ -29,6 +31,28 @@ LOCAL_REPEAT_PENALTY = 1.05
 LOCAL_FREQUENCY_PENALTY = 0.4
 # llama-server answers in seconds; a request hanging longer than this is a dead server.
 LOCAL_REQUEST_TIMEOUT_S = 60.0
+
+# The module each provider's class comes from (imported lazily by `build_model`).
+_PROVIDER_MODULES = {
+    "local": "strands.models.openai",
+    "openai": "strands.models.openai",
+    "bedrock": "strands.models.bedrock",
+    "anthropic": "strands.models.anthropic",
+    "ollama": "strands.models.ollama",
+}
+
+
+def preload(settings: Settings) -> None:
+    """Import the provider's SDK now, without building anything.
+
+    A supervisor calls it before forking its workers: they (and their restarts) then
+    share the imported modules instead of each spending seconds importing its own. A
+    missing SDK is left for `build_model` to report in the worker.
+    """
+    module = _PROVIDER_MODULES.get(settings.model_provider)
+    if module is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 def build_model(settings: Settings) -> Model:
