@@ -55,6 +55,13 @@ def _collapsed(ctx: Context, row: Row) -> bool:
     return duration_p99 > 3 * ctx.sizes.slow_ideal_s * 1000 or errors > 0.1 * max(1, row["recorded"])
 
 
+def plan_capacity(ctx: Context) -> None:
+    slow = {"words": ctx.sizes.slow_tokens, "delay_ms": ctx.sizes.slow_delay_ms}
+    for processes in ctx.sizes.capacity_workers:
+        ctx.raw(processes=processes, wait=False, **slow)
+        stack(ctx, workers=processes, wait=False, **slow)
+
+
 def capacity(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     rows: list[Row] = []
@@ -62,14 +69,14 @@ def capacity(ctx: Context) -> dict[str, Any]:
     slow = {"words": sizes.slow_tokens, "delay_ms": sizes.slow_delay_ms}
     telemetry: dict[str, Any] = {}
     for processes in sizes.capacity_workers:
-        with procs.raw_server(ctx.log_dir, processes=processes, **slow) as raw:
-            rows += _levels(ctx, baseline_label(processes), raw.address, [raw], baselines, processes)
+        raw = ctx.raw(processes=processes, **slow)
+        rows += _levels(ctx, baseline_label(processes), raw.address, [raw], baselines, processes)
         if ctx.target and processes > 1:
             rows.append(not_measured(f"target ({processes} workers)", "not measured: --target given"))
             continue
-        with stack(ctx, workers=processes, **slow) as st:
-            rows += _levels(ctx, st.label, st.direct, st.processes(), baselines, processes)
-            telemetry = st.telemetry
+        st = stack(ctx, workers=processes, **slow)
+        rows += _levels(ctx, st.label, st.direct, st.processes(), baselines, processes)
+        telemetry = st.telemetry
     highest = {
         system: max((r["streams"] for r in rows if r["system"] == system and r.get("held")), default=None)
         for system in dict.fromkeys(r["system"] for r in rows)
@@ -88,6 +95,7 @@ def capacity(ctx: Context) -> dict[str, Any]:
         },
         "stack_telemetry": telemetry,
         "highest_level_held": highest,
+        "scaling": _scaling(highest, sizes.capacity_workers),
         "rows": rows,
         "notes": [
             "N workers (AGENT_WORKERS=N) are compared with a raw baseline of N processes on one port "
@@ -98,6 +106,21 @@ def capacity(ctx: Context) -> dict[str, Any]:
     }
 
 
+def _scaling(highest: dict[str, int | None], workers: tuple[int, ...]) -> dict[str, Any]:
+    """Levels held with N processes against N times the level one process holds (1.0: linear)."""
+    found: dict[str, Any] = {}
+    for kind, label in (("baseline", baseline_label), ("service", _service_label)):
+        one = highest.get(label(1))
+        for n in workers:
+            if n > 1 and one and (held := highest.get(label(n))) is not None:
+                found[f"{kind} {n} vs {n} × 1"] = round(held / (n * one), 2)
+    return found
+
+
+def _service_label(processes: int) -> str:
+    return "direct" if processes == 1 else f"direct ({processes} workers)"
+
+
 def baseline_label(processes: int) -> str:
     return "baseline" if processes == 1 else f"baseline ({processes} processes)"
 
@@ -105,20 +128,31 @@ def baseline_label(processes: int) -> str:
 def _levels(
     ctx: Context, system: str, target: str, servers: list, baselines: dict[tuple[int, int], Row], processes: int
 ) -> list[Row]:
-    """Every level of one system, up to where it collapses; each row beside the baseline of as many processes."""
+    """Every level of one system, until it collapses or misses `capacity_misses` levels in a row; each row
+    beside the baseline of as many processes."""
     rows: list[Row] = []
-    collapsed_at: int | None = None
+    stopped: str | None = None
+    misses = 0
     for users in ctx.sizes.capacity_levels:
-        if collapsed_at is not None:
-            rows.append(not_measured(system, f"skipped: far past capacity at {collapsed_at} streams", streams=users))
+        if stopped is not None:
+            rows.append(not_measured(system, f"skipped: {stopped}", streams=users))
             continue
         row = _held(ctx, measure(ctx, system, _steady_spec(ctx, target, users), servers))
         if system == baseline_label(processes):
             baselines[(processes, users)] = row
         rows.append(compare(row, baselines.get((processes, users))))
+        misses = 0 if row["held"] else misses + 1
         if _collapsed(ctx, row):
-            collapsed_at = users
+            stopped = f"far past capacity at {users} streams"
+        elif misses >= ctx.sizes.capacity_misses:
+            stopped = f"{misses} levels in a row not held (up to {users} streams)"
     return rows
+
+
+def plan_seed_design(ctx: Context) -> None:
+    slow = {"words": ctx.sizes.slow_tokens, "delay_ms": ctx.sizes.slow_delay_ms}
+    ctx.raw(wait=False, **slow)
+    stack(ctx, wait=False, **slow)
 
 
 def seed_design(ctx: Context) -> dict[str, Any]:
@@ -134,17 +168,14 @@ def seed_design(ctx: Context) -> dict[str, Any]:
         late = sum(1 for t in result.ttfc if t > ideal / 2)
         return {"streams_waiting_over_half_a_stream": late}
 
-    rows: list[Row] = []
-    with procs.raw_server(ctx.log_dir, **slow) as raw:
-        baseline = measure(ctx, "baseline", spec(raw.address, ideal * 5 + 5), [raw], extra=waited)
-    rows.append(baseline)
+    raw = ctx.raw(**slow)
+    baseline = measure(ctx, "baseline", spec(raw.address, ideal * 5 + 5), [raw], extra=waited)
+    rows: list[Row] = [baseline]
     seed_timeout = ideal * (users / 10 + 3) + 10
     with procs.seed_server(ctx.log_dir, **slow) as seed:
         rows.append(compare(measure(ctx, "seed", spec(seed.address, seed_timeout), [seed], extra=waited), baseline))
-    with stack(ctx, **slow) as st:
-        rows.append(
-            compare(measure(ctx, st.label, spec(st.direct, ideal * 5 + 5), st.processes(), extra=waited), baseline)
-        )
+    st = stack(ctx, **slow)
+    rows.append(compare(measure(ctx, st.label, spec(st.direct, ideal * 5 + 5), st.processes(), extra=waited), baseline))
     return {
         "title": "The seed's design: sync grpc.server(ThreadPoolExecutor(max_workers=10))",
         "params": {

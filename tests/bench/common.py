@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,20 @@ from tests.bench.config import Sizes
 from tests.bench.load import LoadPool, LoadResult, LoadSpec
 from tests.bench.otlp_sink import OtlpSink
 from tests.bench.procs import RssSampler, ServerProcess
-from tests.bench.stats import minus, ratio, summarize_ms
+from tests.bench.stats import median, minus, ratio, spread, summarize_ms
 
 Row = dict[str, Any]
 
 
 @dataclass
 class Context:
-    """One harness run."""
+    """One harness run.
+
+    Servers are started when a scenario first asks for them, or all at once before the
+    scenarios run (`plan`: their start-ups, seconds of imports each, overlap), and kept
+    until the run ends (`close`), so scenarios that measure the same configuration share
+    one process.
+    """
 
     sizes: Sizes
     pool: LoadPool
@@ -30,6 +36,10 @@ class Context:
     target: str | None = None  # --target: measure this address instead of starting the stack
     telemetry: str = "on"  # the stack's telemetry in scenarios other than 4
     sink: OtlpSink | None = None
+    _running: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _stacks: dict[tuple[Any, ...], Stack] = field(default_factory=dict)
+    _raws: dict[tuple[Any, ...], ServerProcess] = field(default_factory=dict)
+    _ready: set[str] = field(default_factory=set)
 
     @property
     def log_dir(self) -> Path:
@@ -38,6 +48,33 @@ class Context:
     @property
     def data_dir(self) -> Path:
         return self.out_dir / "agent-data"
+
+    def raw(
+        self, *, words: int, delay_ms: float, processes: int = 1, loop: str = "asyncio", wait: bool = True
+    ) -> ServerProcess:
+        """The raw baseline server (one per shape; requests may ask for another shape, see `servers`)."""
+        key = (words, delay_ms, processes, loop)
+        if key not in self._raws:
+            spec = procs.raw_launch(words=words, delay_ms=delay_ms, processes=processes, loop=loop)
+            self._raws[key] = self.launch(spec)
+        if wait:
+            self.wait_ready(self._raws[key])
+        return self._raws[key]
+
+    def launch(self, spec: procs.Launch) -> ServerProcess:
+        """Start a server's process now, stopped when the run ends."""
+        server = procs.launch(spec, self.log_dir)
+        self._running.callback(server.stop)
+        return server
+
+    def wait_ready(self, server: ServerProcess) -> None:
+        if server.name + server.address not in self._ready:
+            server.wait_ready()
+            self._ready.add(server.name + server.address)
+
+    def close(self) -> None:
+        """Stop every server the run started."""
+        self._running.close()
 
 
 @dataclass
@@ -51,6 +88,7 @@ class Stack:
     envoy_reason: str | None = None  # why there is no Envoy path
     telemetry: dict[str, Any] = field(default_factory=dict)
     workers: int = 1  # AGENT_WORKERS of the service
+    env: dict[str, str] = field(default_factory=dict)  # the service's telemetry settings
 
     @property
     def label(self) -> str:
@@ -110,7 +148,6 @@ def metrics_served(env: dict[str, str], patience_s: float = 3.0) -> bool:
             time.sleep(0.2)
 
 
-@contextlib.contextmanager
 def stack(
     ctx: Context,
     *,
@@ -120,34 +157,41 @@ def stack(
     uvloop: bool = False,
     with_envoy: bool = False,
     workers: int = 1,
-) -> Iterator[Stack]:
+    coalesce: bool = True,
+    wait: bool = True,
+) -> Stack:
     """The service as a process (or the --target address), and Envoy in front of it when asked and possible.
 
-    `workers`: the service's AGENT_WORKERS (worker processes sharing its port).
+    Started on first use (`wait=False`: only launched, for `plan`) and shared until the run
+    ends (`Context`). `workers`: the service's AGENT_WORKERS (worker processes sharing its
+    port); `coalesce`: its AGENT_COALESCE_TEXT.
     """
     if ctx.target:
         reason = "not measured: --target given (point --target at the Envoy to measure it)"
-        yield Stack(direct=ctx.target, service=None, envoy_reason=reason if with_envoy else None)
-        return
+        return Stack(direct=ctx.target, service=None, envoy_reason=reason if with_envoy else None)
     mode = telemetry or ctx.telemetry
-    env = telemetry_env(ctx, mode)
-    started = procs.service(
-        ctx.log_dir, ctx.data_dir, words=words, delay_ms=delay_ms, telemetry_env=env, uvloop=uvloop, workers=workers
-    )
-    with started as service:
-        info = {"mode": mode, "metrics_endpoint": metrics_served(env)}
-        result = Stack(direct=service.address, service=service, telemetry=info, workers=workers)
-        if not with_envoy:
-            yield result
-            return
-        result.envoy_reason = envoy.unavailable()
-        if result.envoy_reason:
-            yield result
-            return
-        otlp_port = ctx.sink.port if mode in ("traces", "on") and ctx.sink is not None else None
-        with envoy.running(service.address, ctx.log_dir, otlp_port) as proxy:
-            result.envoy, result.envoy_process = proxy.address, proxy
-            yield result
+    key = (words, delay_ms, mode, uvloop, workers, coalesce)
+    found = ctx._stacks.get(key)
+    if found is None:
+        env = telemetry_env(ctx, mode) | {"AGENT_COALESCE_TEXT": str(coalesce).lower()}
+        spec = procs.service_launch(
+            ctx.data_dir, words=words, delay_ms=delay_ms, telemetry_env=env, uvloop=uvloop, workers=workers
+        )
+        service = ctx.launch(spec)
+        found = ctx._stacks[key] = Stack(direct=service.address, service=service, workers=workers, env=env)
+    if not wait:
+        return found
+    assert found.service is not None
+    ctx.wait_ready(found.service)
+    if not found.telemetry:
+        found.telemetry = {"mode": mode, "metrics_endpoint": metrics_served(found.env), "coalesce_text": coalesce}
+    if with_envoy and found.envoy is None and found.envoy_reason is None:
+        found.envoy_reason = envoy.unavailable()
+        if found.envoy_reason is None:
+            otlp_port = ctx.sink.port if mode in ("traces", "on") and ctx.sink is not None else None
+            proxy = ctx._running.enter_context(envoy.running(found.service.address, ctx.log_dir, otlp_port))
+            found.envoy, found.envoy_process = proxy.address, proxy
+    return found
 
 
 def measure(
@@ -177,18 +221,22 @@ def measure(
             name: {
                 "cpu_s": round(cpu[name], 3),
                 "cpu_util": round(cpu[name] / result.wall_s, 3) if result.wall_s else None,
-                "cpu_us_per_chunk": round(cpu[name] / result.chunks * 1e6, 1) if result.chunks else None,
+                "cpu_us_per_word": round(cpu[name] / result.words * 1e6, 1) if result.words else None,
                 "rss_idle_mb": round(idle_rss[name] / 2**20, 1),
                 "rss_peak_mb": round(rss.peak[name] / 2**20, 1),
                 "rss_per_stream_kb": round((rss.peak[name] - idle_rss[name]) / spec.users / 1024, 1),
             }
             for name in cpu
         }
-        row["server_cpu_us_per_chunk"] = round(sum(cpu.values()) / result.chunks * 1e6, 1) if result.chunks else None
-        row["server_cpu_us_per_call"] = (
-            round(sum(cpu.values()) / result.streams_run * 1e6, 1) if result.streams_run else None
-        )
+        total = sum(cpu.values())
+        row["server_cpu_us_per_word"] = _per(total * 1e6, result.words)
+        row["server_cpu_us_per_message"] = _per(total * 1e6, result.messages)
+        row["server_cpu_us_per_call"] = _per(total * 1e6, result.streams_run)
     return row
+
+
+def _per(total: float, count: float, digits: int = 1) -> float | None:
+    return round(total / count, digits) if count else None
 
 
 def describe(system: str, spec: LoadSpec, result: LoadResult) -> Row:
@@ -198,9 +246,12 @@ def describe(system: str, spec: LoadSpec, result: LoadResult) -> Row:
         "streams": spec.users,
         "calls": result.streams_run,
         "recorded": result.streams,
-        "chunks": result.chunks,
+        "words": result.words,
+        "messages": result.messages,
         "wall_s": round(result.wall_s, 3),
-        "chunks_per_s": round(result.chunks / result.wall_s, 1) if result.wall_s else None,
+        "words_per_s": _per(result.words, result.wall_s),
+        "messages_per_s": _per(result.messages, result.wall_s),
+        "words_per_message": _per(result.words, result.messages, 2),
         "ttfc_ms": summarize_ms(result.ttfc),
         "gap_ms": summarize_ms(result.gaps) if spec.record_gaps else None,
         "duration_ms": summarize_ms(result.duration),
@@ -211,13 +262,57 @@ def describe(system: str, spec: LoadSpec, result: LoadResult) -> Row:
     }
 
 
+# Figures of a row whose repeats are summarised (median and spread); paths into the row.
+REPEATED: tuple[tuple[str, ...], ...] = (
+    ("words_per_s",),
+    ("messages_per_s",),
+    ("words_per_message",),
+    ("server_cpu_us_per_word",),
+    ("server_cpu_us_per_message",),
+    ("server_cpu_us_per_call",),
+    ("ttfc_ms", "p50"),
+    ("ttfc_ms", "p99"),
+)
+
+
+def _read(row: Row, path: tuple[str, ...]) -> Any:
+    value: Any = row
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def combine(runs: Sequence[Row]) -> Row:
+    """Repeats of one measurement as one row: each repeated figure is the median of the runs, and
+    `repeats` keeps every run's value and the spread. The rest is the run of median throughput."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: r.get("words_per_s") or 0.0)
+    row = {**ordered[len(ordered) // 2], "ttfc_ms": dict(ordered[len(ordered) // 2]["ttfc_ms"])}
+    repeats: dict[str, Any] = {"n": len(runs)}
+    for path in REPEATED:
+        values = [v for r in runs if isinstance(v := _read(r, path), int | float)]
+        if len(values) != len(runs):
+            continue
+        middle = median(values)
+        target = row
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = None if middle is None else round(middle, 3)
+        repeats[".".join(path)] = spread(values) | {"values": values}
+    row["repeats"] = repeats
+    return row
+
+
 def compare(row: Row, baseline: Row | None) -> Row:
     """Add the ratios to the baseline row of the same load (same streams) in place; returns the row."""
     if baseline is None or row is baseline:
         return row
     row["vs_baseline"] = {
-        "chunks_per_s_ratio": ratio(row.get("chunks_per_s"), baseline.get("chunks_per_s")),
-        "cpu_per_chunk_ratio": ratio(row.get("server_cpu_us_per_chunk"), baseline.get("server_cpu_us_per_chunk")),
+        "baseline": baseline["system"],
+        "words_per_s_ratio": ratio(row.get("words_per_s"), baseline.get("words_per_s")),
+        "messages_per_s_ratio": ratio(row.get("messages_per_s"), baseline.get("messages_per_s")),
+        "cpu_per_word_ratio": ratio(row.get("server_cpu_us_per_word"), baseline.get("server_cpu_us_per_word")),
         **{
             f"ttfc_{q}_added_ms": minus(row["ttfc_ms"].get(q), baseline["ttfc_ms"].get(q))
             for q in ("p50", "p95", "p99")

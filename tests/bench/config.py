@@ -1,4 +1,5 @@
-"""Sizes of every scenario: the full run (`make bench`) and `--quick` (the smoke test, under 2 minutes)."""
+"""Sizes of every scenario: the full run (`make bench`) and `--quick` (the smoke test: every scenario's code
+path once, at sizes too small to mean anything, in well under a minute)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Sizes:
-    # 1. throughput (and 4. telemetry cost): zero token delay, streams of `throughput_words` chunks
+    # Figures whose noise is larger than the effects they show (1, 2, 4) are measured this many
+    # times, interleaved, and reported as the median with the spread.
+    repeats: int = 3
+    # 1. throughput (and 4. telemetry cost): answers of `throughput_words` words
     throughput_levels: tuple[int, ...] = (1, 50)
     throughput_words: int = 200
-    throughput_duration_s: float = 10.0
+    throughput_duration_s: float = 3.0
+    # Zero delay (coalescing merges what waits) and a delay at which it has nothing to merge.
+    throughput_delays_ms: tuple[float, ...] = (0.0, 1.0)
+    throughput_uncoalesced: bool = True  # also the service with AGENT_COALESCE_TEXT=false (at zero delay)
     telemetry_modes: tuple[str, ...] = ("off", "metrics", "traces", "on")  # 4. telemetry cost
     # 2. time to first chunk: sequential short calls
     ttfc_calls: int = 1000
@@ -18,7 +25,8 @@ class Sizes:
     # 3. capacity (and 5. the seed): slow streams
     slow_delay_ms: float = 20.0
     slow_tokens: int = 100
-    capacity_levels: tuple[int, ...] = (100, 250, 500, 1000, 2000)
+    capacity_levels: tuple[int, ...] = (50, 100, 150, 200, 250, 300, 400, 500, 700, 1000, 1500, 2000)
+    capacity_misses: int = 2  # a system's levels stop after this many in a row not held
     capacity_rounds: int = 2  # streams per user; the first round is the ramp and is not recorded
     # Server processes measured in scenario 3: the service with AGENT_WORKERS=N beside a raw baseline of N
     # processes on one port. The kernel spreads connections, not calls, so the load opens one connection
@@ -41,20 +49,28 @@ class Sizes:
 
 FULL = Sizes()
 
+# Quick: one level per scenario, one repeat, and the same answer size wherever a scenario allows,
+# so scenarios share service processes (a start costs seconds of imports).
 QUICK = Sizes(
-    throughput_words=50,
-    throughput_duration_s=1.5,
+    repeats=1,
+    throughput_levels=(8,),
+    throughput_words=20,
+    throughput_duration_s=0.4,
+    throughput_delays_ms=(0.0,),
     telemetry_modes=("off", "on"),
-    ttfc_calls=100,
-    slow_tokens=20,
-    capacity_levels=(25, 100),
-    seed_streams=30,
-    strands_tokens=300,
-    strands_repeats=2,
-    coalesce_factors=(1, 8),
-    lever_streams=20,
-    lever_duration_s=1.5,
-    prometheus_observations=20_000,
+    ttfc_calls=30,
+    ttfc_words=20,
+    slow_delay_ms=10.0,
+    slow_tokens=10,
+    capacity_levels=(10,),
+    capacity_rounds=1,
+    seed_streams=12,
+    strands_tokens=100,
+    strands_repeats=1,
+    coalesce_factors=(1, 4),
+    lever_streams=8,
+    lever_duration_s=0.4,
+    prometheus_observations=5_000,
 )
 
 # A level of scenario 3 is held when all three hold:

@@ -1,7 +1,7 @@
 """Envoy in front of the service, from the one template (deploy/envoy/envoy.yaml via deploy/envoy/render.py).
 
-Everything on 127.0.0.1 and ephemeral ports, with a `--base-id` of its own so it never meets the
-tests' Envoys (or another bench run's) in shared memory.
+Everything on 127.0.0.1 and ephemeral ports, with hot restart off (no shared memory, no domain
+socket), so it never meets the tests' Envoys, another bench run's, or the other Envoys of this run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from tests.bench import procs
 from tests.bench.procs import REPO, ServerProcess
 
 RENDERER = REPO / "deploy" / "envoy" / "render.py"
-_BASE_ID_RANGE = (40_000, 50_000)  # tests use their own ids; this keeps the bench's apart and per process
 
 
 def _binary() -> str | None:
@@ -84,10 +83,9 @@ def running(upstream: str, log_dir: Path, otlp_port: int | None = None) -> Itera
     log_dir.mkdir(parents=True, exist_ok=True)
     config = log_dir / f"envoy-{grpc_port}.yaml"
     _render(overrides, config)
-    base_id = _BASE_ID_RANGE[0] + os.getpid() % (_BASE_ID_RANGE[1] - _BASE_ID_RANGE[0])
     binary = _binary()
     assert binary is not None
-    argv = [binary, "-c", str(config), "--base-id", str(base_id), "--log-level", "warning"]
-    with procs.running("envoy", argv, grpc_port, procs.clean_env({}), log_dir) as proxy:
+    argv = [binary, "-c", str(config), "--disable-hot-restart", "--log-level", "warning"]
+    with procs.running(procs.Launch("envoy", argv, grpc_port, procs.clean_env({})), log_dir) as proxy:
         _wait_healthy(admin_port, upstream, proxy)
         yield proxy

@@ -1,7 +1,7 @@
 """Scenario 6: the known levers, each measured on its own.
 
 - strands' own per-token cost: the demo model's raw generator vs a strands Agent running it, in-process;
-- coalescing several tokens per gRPC message: the raw server sending K tokens per message;
+- coalescing several words per gRPC message: the raw server sending K words per message;
 - uvloop: the raw server and the service on uvloop vs asyncio's default loop;
 - the per-chunk cost of a Prometheus histogram observation.
 """
@@ -13,10 +13,16 @@ import os
 import time
 from typing import Any
 
-from tests.bench import procs
 from tests.bench.common import Context, Row, measure, not_measured, stack
 from tests.bench.load import LoadSpec
 from tests.bench.stats import ratio
+
+
+def plan_levers(ctx: Context) -> None:
+    words = ctx.sizes.throughput_words
+    for loop in ("asyncio", "uvloop"):
+        ctx.raw(words=words, delay_ms=0, loop=loop, wait=False)
+        stack(ctx, words=words, delay_ms=0, uvloop=loop == "uvloop", wait=False)
 
 
 def levers(ctx: Context) -> dict[str, Any]:
@@ -29,7 +35,7 @@ def levers(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _spec(ctx: Context, target: str) -> LoadSpec:
+def _spec(ctx: Context, target: str, metadata: dict[str, str] | None = None) -> LoadSpec:
     duration = ctx.sizes.lever_duration_s
     return LoadSpec(
         target,
@@ -38,25 +44,23 @@ def _spec(ctx: Context, target: str) -> LoadSpec:
         duration_s=duration,
         time_cap_s=duration * 3 + 10,
         call_timeout_s=60,
+        metadata=tuple(sorted((metadata or {}).items())),
     )
 
 
 def _coalescing(ctx: Context) -> dict[str, Any]:
-    """Tokens/s and CPU per token when the raw server sends K tokens per message (same tokens per stream)."""
+    """Words/s and CPU per word when the raw server sends K words per message (same words per answer)."""
     words = ctx.sizes.throughput_words
+    raw = ctx.raw(words=words, delay_ms=0)
     rows: list[Row] = []
     for factor in ctx.sizes.coalesce_factors:
-        with procs.raw_server(ctx.log_dir, words=words, delay_ms=0, coalesce=factor) as raw:
-            row = measure(ctx, f"baseline, {factor} tokens/message", _spec(ctx, raw.address), [raw])
-        tokens = row["calls"] * words
-        row["tokens_per_message"] = factor
-        row["tokens_per_s"] = round(tokens / row["wall_s"], 1) if row["wall_s"] else None
-        cpu = row["server"][next(iter(row["server"]))]["cpu_s"]
-        row["server_cpu_us_per_token"] = round(cpu / tokens * 1e6, 2) if tokens else None
+        spec = _spec(ctx, raw.address, {"words_per_message": str(factor)})
+        row = measure(ctx, f"baseline, {factor} words/message", spec, [raw])
+        row["words_per_message_asked"] = factor
         rows.append(row)
     for row in rows[1:]:
-        row["tokens_per_s_ratio"] = ratio(row["tokens_per_s"], rows[0]["tokens_per_s"])
-    return {"tokens_per_stream": words, "streams": ctx.sizes.lever_streams, "rows": rows}
+        row["words_per_s_ratio"] = ratio(row["words_per_s"], rows[0]["words_per_s"])
+    return {"words_per_answer": words, "streams": ctx.sizes.lever_streams, "rows": rows}
 
 
 def _uvloop(ctx: Context) -> dict[str, Any]:
@@ -64,23 +68,23 @@ def _uvloop(ctx: Context) -> dict[str, Any]:
     words = ctx.sizes.throughput_words
     rows: list[Row] = []
     for loop in ("asyncio", "uvloop"):
-        with procs.raw_server(ctx.log_dir, words=words, delay_ms=0, loop=loop) as raw:
-            rows.append(measure(ctx, f"baseline, {loop}", _spec(ctx, raw.address), [raw]) | {"loop": loop})
+        raw = ctx.raw(words=words, delay_ms=0, loop=loop)
+        rows.append(measure(ctx, f"baseline, {loop}", _spec(ctx, raw.address), [raw]) | {"loop": loop})
     if ctx.target:
         rows.append(not_measured("service", "not measured: --target given (needs to start the service)"))
     else:
         for loop in ("asyncio", "uvloop"):
-            with stack(ctx, words=words, delay_ms=0, uvloop=loop == "uvloop") as st:
-                rows.append(measure(ctx, f"{st.label}, {loop}", _spec(ctx, st.direct), st.processes()) | {"loop": loop})
+            st = stack(ctx, words=words, delay_ms=0, uvloop=loop == "uvloop")
+            rows.append(measure(ctx, f"{st.label}, {loop}", _spec(ctx, st.direct), st.processes()) | {"loop": loop})
     for first, second in ((0, 1), (2, 3)):
         if second < len(rows) and "not_measured" not in rows[second]:
             rows[second]["vs_asyncio"] = {
-                "chunks_per_s_ratio": ratio(rows[second]["chunks_per_s"], rows[first]["chunks_per_s"]),
-                "cpu_per_chunk_ratio": ratio(
-                    rows[second]["server_cpu_us_per_chunk"], rows[first]["server_cpu_us_per_chunk"]
+                "words_per_s_ratio": ratio(rows[second]["words_per_s"], rows[first]["words_per_s"]),
+                "cpu_per_word_ratio": ratio(
+                    rows[second]["server_cpu_us_per_word"], rows[first]["server_cpu_us_per_word"]
                 ),
             }
-    return {"streams": ctx.sizes.lever_streams, "chunks_per_stream": words, "rows": rows}
+    return {"streams": ctx.sizes.lever_streams, "words_per_answer": words, "rows": rows}
 
 
 def strands_per_token(tokens: int, repeats: int) -> dict[str, Any]:

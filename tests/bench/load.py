@@ -41,6 +41,8 @@ class LoadSpec:
     duration_s: float = 0.0  # > 0: users start no new stream after this long
     ramp_s: float = 0.0
     prompt: str = "bench"
+    # Request metadata: the raw baseline takes the answer's shape from it (words, delay, words per message).
+    metadata: tuple[tuple[str, str], ...] = ()
     call_timeout_s: float = 60.0
     time_cap_s: float = 300.0  # hard bound of the phase, whatever else happens
     record_gaps: bool = False
@@ -57,10 +59,10 @@ class LoadResult:
     duration: array[float] = field(default_factory=lambda: array("d"))
     gaps: array[float] = field(default_factory=lambda: array("d"))
     codes: Counter[str] = field(default_factory=Counter)
-    # Text chunks delivered: words of content received, in every stream of the phase. Words, not
-    # content messages: the baseline sends one word per message, the service may send several
-    # waiting words in one message (AGENT_COALESCE_TEXT); what a user gets is the words.
-    chunks: int = 0
+    # Words of content received, and the content messages that carried them, in every stream of the
+    # phase. The baseline sends a fixed number of words per message; the service may send several
+    # waiting words in one message (AGENT_COALESCE_TEXT): the two are compared at equal words per message.
+    words: int = 0
     messages: int = 0
     streams: int = 0  # streams recorded (measured rounds)
     streams_run: int = 0  # every stream, ramp rounds included
@@ -78,7 +80,7 @@ class LoadResult:
         self.duration.extend(other.duration)
         self.gaps.extend(other.gaps)
         self.codes.update(other.codes)
-        self.chunks += other.chunks
+        self.words += other.words
         self.messages += other.messages
         self.streams += other.streams
         self.streams_run += other.streams_run
@@ -95,7 +97,7 @@ class _Worker:
         self.spec = spec
         self.start = start  # a Manager().Barrier shared with the other workers and the pool
         self.result = LoadResult(workers=1)
-        self.request = agent_pb2.ChatRequest(content=spec.prompt)
+        self.request = agent_pb2.ChatRequest(content=spec.prompt, metadata=dict(spec.metadata))
         self._started = 0.0
 
     async def run(self) -> LoadResult:
@@ -133,37 +135,38 @@ class _Worker:
             await self._stream(stub, record=spec.measure_rounds[0] <= round_ < spec.measure_rounds[1])
 
     async def _stream(self, stub: agent_pb2_grpc.AgentServiceStub, *, record: bool) -> None:
-        """One StreamChat call, read to its end; its chunks always count, its timings only when `record`."""
+        """One StreamChat call, read to its end; its words always count, its timings only when `record`."""
         gaps = self.result.gaps if record and self.spec.record_gaps else None
-        chunks = messages = 0
+        words = messages = responses = 0
         first = 0.0
         started = last = time.monotonic()
         call = stub.StreamChat(self.request, timeout=self.spec.call_timeout_s)
         try:
             async for response in call:
                 now = time.monotonic()
-                if not messages:
+                if not responses:
                     first = now
                 elif gaps is not None:
                     gaps.append(now - last)
                 last = now
-                messages += 1
+                responses += 1
                 if response.WhichOneof("response") == "content":
-                    chunks += len(response.content.text.split())
+                    messages += 1
+                    words += len(response.content.text.split())
             code = "OK"
         except grpc.aio.AioRpcError as error:
             code = error.code().name
         ended = time.monotonic()
         if not record and self.result.window_start == float("inf"):
             return  # a warm-up call
-        self.result.chunks += chunks
+        self.result.words += words
         self.result.messages += messages
         self.result.streams_run += 1
         if record:
             self.result.streams += 1
             self.result.codes[code] += 1
             self.result.duration.append(ended - started)
-            if messages:
+            if responses:
                 self.result.ttfc.append(first - started)
 
 

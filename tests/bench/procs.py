@@ -129,22 +129,30 @@ class ServerProcess:
                 self.popen.wait()
 
 
-@contextlib.contextmanager
-def running(
-    name: str,
-    argv: Sequence[str],
-    port: int,
-    env: Mapping[str, str],
-    log_dir: Path,
-    ready_timeout_s: float = 60.0,
-    listeners: int = 1,
-) -> Iterator[ServerProcess]:
-    """Start `argv` as a server listening on 127.0.0.1:`port` (in `listeners` processes), yield it once ready."""
+@dataclass(frozen=True)
+class Launch:
+    """How to start one server: `argv` listening on 127.0.0.1:`port` once `listeners` processes listen."""
+
+    name: str
+    argv: Sequence[str]
+    port: int
+    env: Mapping[str, str]
+    listeners: int = 1
+
+
+def launch(spec: Launch, log_dir: Path) -> ServerProcess:
+    """Start the server's process and return at once (`ServerProcess.wait_ready` waits for it)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}-{port}.log"
+    log_path = log_dir / f"{spec.name}-{spec.port}.log"
     with log_path.open("wb") as log:
-        popen = subprocess.Popen(list(argv), env=dict(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(name, f"127.0.0.1:{port}", popen, log_path, listeners)
+        popen = subprocess.Popen(list(spec.argv), env=dict(spec.env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return ServerProcess(spec.name, f"127.0.0.1:{spec.port}", popen, log_path, spec.listeners)
+
+
+@contextlib.contextmanager
+def running(spec: Launch, log_dir: Path, ready_timeout_s: float = 60.0) -> Iterator[ServerProcess]:
+    """The server, yielded once ready, stopped at the end."""
+    server = launch(spec, log_dir)
     try:
         server.wait_ready(ready_timeout_s)
         yield server
@@ -152,14 +160,14 @@ def running(
         server.stop()
 
 
-def raw_server(
-    log_dir: Path, *, words: int, delay_ms: float, coalesce: int = 1, loop: str = "asyncio", processes: int = 1
-) -> contextlib.AbstractContextManager[ServerProcess]:
+def raw_launch(
+    *, words: int, delay_ms: float, coalesce: float = 1, loop: str = "asyncio", processes: int = 1
+) -> Launch:
     port = free_port()
     argv = [sys.executable, "-m", "tests.bench.servers", "raw", f"--port={port}", f"--words={words}"]
     argv += [f"--delay-ms={delay_ms}", f"--coalesce={coalesce}", f"--loop={loop}", f"--processes={processes}"]
-    name = f"raw-{loop}-c{coalesce}" + (f"-p{processes}" if processes > 1 else "")
-    return running(name, argv, port, clean_env({}), log_dir, listeners=processes)
+    name = f"raw-{loop}" + (f"-p{processes}" if processes > 1 else "")
+    return Launch(name, argv, port, clean_env({}), listeners=processes)
 
 
 def seed_server(
@@ -168,11 +176,10 @@ def seed_server(
     port = free_port()
     argv = [sys.executable, "-m", "tests.bench.servers", "seed", f"--port={port}", f"--words={words}"]
     argv += [f"--delay-ms={delay_ms}", f"--workers={workers}"]
-    return running("seed", argv, port, clean_env({}), log_dir)
+    return running(Launch("seed", argv, port, clean_env({})), log_dir)
 
 
-def service(
-    log_dir: Path,
+def service_launch(
     data_dir: Path,
     *,
     words: int,
@@ -180,7 +187,7 @@ def service(
     telemetry_env: Mapping[str, str],
     uvloop: bool = False,
     workers: int = 1,
-) -> contextlib.AbstractContextManager[ServerProcess]:
+) -> Launch:
     """The agent service as `python -m agent_service.server` with the demo model (`workers`: AGENT_WORKERS)."""
     port = free_port()
     env = clean_env(
@@ -203,7 +210,7 @@ def service(
     )
     argv = [sys.executable, "-c", _UVLOOP_SERVICE] if uvloop else [sys.executable, "-m", "agent_service.server"]
     name = ("service-uvloop" if uvloop else "service") + (f"-w{workers}" if workers > 1 else "")
-    return running(name, argv, port, env, log_dir, listeners=workers)
+    return Launch(name, argv, port, env, listeners=workers)
 
 
 class RssSampler:

@@ -72,13 +72,28 @@ def table(rows: Sequence[Row], columns: Sequence[Column]) -> list[str]:
     return [*lines, *(["", *skipped] if skipped else [])]
 
 
+def _spread(*path: str) -> Callable[[Row], Any]:
+    """The spread of a repeated figure, in % of its median ("–" for a single run)."""
+
+    def read(row: Row) -> Any:
+        found = get("repeats", ".".join(path), "spread_pct")(row)
+        return None if found is None else f"±{found / 2:.0f}%"
+
+    return read
+
+
 THROUGHPUT: list[Column] = [
     ("system", get("system")),
+    ("delay ms", get("token_delay_ms")),
     ("streams", get("streams")),
-    ("chunks/s", get("chunks_per_s")),
-    ("× baseline", get("vs_baseline", "chunks_per_s_ratio")),
-    ("server CPU µs/chunk", get("server_cpu_us_per_chunk")),
-    ("× baseline", get("vs_baseline", "cpu_per_chunk_ratio")),
+    ("words/s", get("words_per_s")),
+    ("spread", _spread("words_per_s")),
+    ("messages/s", get("messages_per_s")),
+    ("words/message", get("words_per_message")),
+    ("× baseline (words/s)", get("vs_baseline", "words_per_s_ratio")),
+    ("server CPU µs/word", get("server_cpu_us_per_word")),
+    ("× baseline", get("vs_baseline", "cpu_per_word_ratio")),
+    ("server CPU µs/message", get("server_cpu_us_per_message")),
     ("server CPU (cores)", _cpu_util),
     ("client CPU (cores)", _client_cores),
     ("errors", get("errors")),
@@ -89,6 +104,7 @@ TTFC: list[Column] = [
     ("TTFC p50 ms", get("ttfc_ms", "p50")),
     ("p95", get("ttfc_ms", "p95")),
     ("p99", get("ttfc_ms", "p99")),
+    ("p99 spread", _spread("ttfc_ms", "p99")),
     ("added p50 ms", get("vs_baseline", "ttfc_p50_added_ms")),
     ("added p95", get("vs_baseline", "ttfc_p95_added_ms")),
     ("added p99", get("vs_baseline", "ttfc_p99_added_ms")),
@@ -108,6 +124,7 @@ CAPACITY: list[Column] = [
     ("p99 × ideal", get("duration_vs_ideal_p99")),
     ("errors", get("errors")),
     ("server CPU (cores)", _cpu_util),
+    ("server CPU µs/word", get("server_cpu_us_per_word")),
     ("client CPU (cores)", _client_cores),
     ("RSS peak MB", _rss("rss_peak_mb")),
     ("RSS/stream KB", _rss("rss_per_stream_kb")),
@@ -115,11 +132,13 @@ CAPACITY: list[Column] = [
 TELEMETRY: list[Column] = [
     ("telemetry", get("telemetry")),
     ("streams", get("streams")),
-    ("chunks/s", get("chunks_per_s")),
-    ("× off", get("vs_off", "chunks_per_s_ratio")),
-    ("server CPU µs/chunk", get("server_cpu_us_per_chunk")),
-    ("added µs/chunk", get("vs_off", "cpu_us_per_chunk_added")),
-    ("× off", get("vs_off", "cpu_per_chunk_ratio")),
+    ("words/s", get("words_per_s")),
+    ("spread", _spread("words_per_s")),
+    ("words/message", get("words_per_message")),
+    ("× off (words/s)", get("vs_off", "words_per_s_ratio")),
+    ("server CPU µs/word", get("server_cpu_us_per_word")),
+    ("added µs/word", get("vs_off", "cpu_us_per_word_added")),
+    ("× off (CPU/word)", get("vs_off", "cpu_per_word_ratio")),
 ]
 SEED: list[Column] = [
     ("system", get("system")),
@@ -135,17 +154,19 @@ SEED: list[Column] = [
 ]
 LOOP: list[Column] = [
     ("system", get("system")),
-    ("chunks/s", get("chunks_per_s")),
-    ("× asyncio", get("vs_asyncio", "chunks_per_s_ratio")),
-    ("server CPU µs/chunk", get("server_cpu_us_per_chunk")),
-    ("× asyncio", get("vs_asyncio", "cpu_per_chunk_ratio")),
+    ("words/s", get("words_per_s")),
+    ("words/message", get("words_per_message")),
+    ("× asyncio", get("vs_asyncio", "words_per_s_ratio")),
+    ("server CPU µs/word", get("server_cpu_us_per_word")),
+    ("× asyncio", get("vs_asyncio", "cpu_per_word_ratio")),
 ]
 COALESCE: list[Column] = [
-    ("tokens/message", get("tokens_per_message")),
-    ("messages/s", get("chunks_per_s")),
-    ("tokens/s", get("tokens_per_s")),
-    ("× 1 token/message", get("tokens_per_s_ratio")),
-    ("server CPU µs/token", get("server_cpu_us_per_token")),
+    ("words/message", get("words_per_message")),
+    ("messages/s", get("messages_per_s")),
+    ("words/s", get("words_per_s")),
+    ("× 1 word/message", get("words_per_s_ratio")),
+    ("server CPU µs/word", get("server_cpu_us_per_word")),
+    ("server CPU µs/message", get("server_cpu_us_per_message")),
 ]
 _SCENARIO_COLUMNS = {"1": THROUGHPUT, "2": TTFC, "3": CAPACITY, "4": TELEMETRY, "5": SEED}
 
@@ -161,6 +182,10 @@ def markdown(results: dict[str, Any]) -> str:
         + ".",
         "",
     ]
+    if goals := targets(results["scenarios"]):
+        lines += ["## Targets (issue 13)", "", "| target | measured | ratio to baseline | |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in goals]
+        lines.append("")
     if summary := headline(results["scenarios"]):
         lines += ["## Summary", "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in summary), ""]
     for number, scenario in results["scenarios"].items():
@@ -174,6 +199,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [*table(scenario["rows"], _SCENARIO_COLUMNS[number]), ""]
         if number == "3" and (held := scenario.get("highest_level_held")):
             lines += ["Highest level held: " + ", ".join(f"{k} {fmt(v)}" for k, v in held.items()) + ".", ""]
+            if scaling := scenario.get("scaling"):
+                lines += ["Scaling: " + ", ".join(f"{k} ×{v}" for k, v in scaling.items()) + ".", ""]
         if number == "4" and (effective := scenario.get("effective")):
             lines += ["Effective: " + "; ".join(f"{mode}: {fmt(v)}" for mode, v in effective.items()) + ".", ""]
         if number == "6":
@@ -204,17 +231,20 @@ def headline(scenarios: dict[str, Any]) -> list[tuple[str, str]]:
     """The few figures worth quoting, each beside the raw baseline."""
     found: list[tuple[str, str]] = []
     throughput = scenarios.get("1")
-    for streams in dict.fromkeys(r.get("streams") for r in (throughput or {}).get("rows", [])):
+    loads = dict.fromkeys(
+        (r.get("token_delay_ms"), r.get("streams")) for r in _measured(scenarios, "1") if "vs_baseline" in r
+    )
+    for delay, streams in loads:
         cells = []
-        for system in ("baseline", "direct", "target", "envoy"):
-            if row := _find(throughput, system, streams=streams):
-                cell = f"{system} {fmt(row['chunks_per_s'], 0)}{_times(row, 'vs_baseline', 'chunks_per_s_ratio')}"
-                if row.get("server_cpu_us_per_chunk") is not None:
-                    cell += f", {fmt(row['server_cpu_us_per_chunk'])} µs CPU/chunk"
-                    cell += _times(row, "vs_baseline", "cpu_per_chunk_ratio")
-                cells.append(cell)
+        for system in ("direct", "target", "envoy", "direct, coalescing off", "envoy, coalescing off"):
+            if row := _find(throughput, system, streams=streams, token_delay_ms=delay):
+                cells.append(
+                    f"{system} {fmt(row['words_per_s'], 0)} words/s at {fmt(row.get('words_per_message'), 1)} "
+                    f"words/message{_times(row, 'vs_baseline', 'words_per_s_ratio')}"
+                )
         if cells:
-            found.append((f"1. chunks/s at {streams} stream(s), zero delay", " · ".join(cells)))
+            found.append((f"1. {streams} stream(s), {fmt(delay, 0)} ms/token (× baseline at equal words/message)",
+                          " · ".join(cells)))  # fmt: skip
     ttfc = scenarios.get("2")
     cells = [
         f"{system} {_signed(get('vs_baseline', 'ttfc_p50_added_ms')(row))} / "
@@ -227,19 +257,17 @@ def headline(scenarios: dict[str, Any]) -> list[tuple[str, str]]:
         found.append(("2. time to first chunk p50 / p99 ms (added by the stack)", " · ".join(cells)))
     if held := (scenarios.get("3") or {}).get("highest_level_held"):
         levels = "/".join(str(r["streams"]) for r in scenarios["3"]["rows"] if r.get("system") == "baseline")
-        found.append(
-            (
-                f"3. slow streams held (of {levels})",
-                " · ".join(f"{k} {fmt(v) if v else 'none'}" for k, v in held.items()),
-            )
-        )
+        text = " · ".join(f"{k} {fmt(v) if v else 'none'}" for k, v in held.items())
+        if scaling := scenarios["3"].get("scaling"):
+            text += " (scaling: " + ", ".join(f"{k} ×{v}" for k, v in scaling.items()) + ")"
+        found.append((f"3. slow streams held (of {levels})", text))
     for row in (scenarios.get("4") or {}).get("rows", []):
         if row.get("vs_off"):
             found.append(
                 (
                     f"4. telemetry {row['telemetry']} at {row['streams']} stream(s)",
-                    f"{_signed(row['vs_off']['cpu_us_per_chunk_added'])} µs CPU/chunk "
-                    f"(×{row['vs_off']['cpu_per_chunk_ratio']}), chunks/s ×{row['vs_off']['chunks_per_s_ratio']}",
+                    f"{_signed(row['vs_off']['cpu_us_per_word_added'])} µs CPU/word "
+                    f"(×{row['vs_off']['cpu_per_word_ratio']}), words/s ×{row['vs_off']['words_per_s_ratio']}",
                 )
             )
     seed = scenarios.get("5")
@@ -257,6 +285,89 @@ def headline(scenarios: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
+def targets(scenarios: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Issue 13's targets, each from this run: (target, measured, ratio to the baseline, met?)."""
+    found: list[tuple[str, str, str, str]] = []
+    ttfc = scenarios.get("2")
+    for system, limit in (("direct", 3.0), ("envoy", 5.0)):
+        if (row := _find(ttfc, system)) and (base := _find(ttfc, "baseline")):
+            added = get("vs_baseline", "ttfc_p99_added_ms")(row)
+            found.append(
+                (
+                    f"added TTFC p99 ≤ {limit:g} ms, {system}",
+                    f"{fmt(row['ttfc_ms']['p99'], 2)} ms vs baseline {fmt(base['ttfc_ms']['p99'], 2)} ms: "
+                    f"+{fmt(added, 2)} ms (p50 +{fmt(get('vs_baseline', 'ttfc_p50_added_ms')(row), 2)})",
+                    f"×{ratio_of(row['ttfc_ms']['p99'], base['ttfc_ms']['p99'])}",
+                    _met(added is not None and added <= limit),
+                )
+            )
+    capacity = scenarios.get("3") or {}
+    if held := capacity.get("highest_level_held"):
+        base, mine = held.get("baseline"), held.get("direct")
+        found.append(
+            (
+                "slow streams held per process ≥ the baseline's",
+                f"direct {fmt(mine) if mine else 'none'} vs baseline {fmt(base) if base else 'none'}",
+                f"×{ratio_of(mine or 0, base)}" if base else "–",
+                _met(bool(base) and (mine or 0) >= base),
+            )
+        )
+        for key, value in (capacity.get("scaling") or {}).items():
+            if key.startswith("service"):
+                workers = key.split()[1]
+                found.append(
+                    (
+                        f"{workers} workers hold ≥ 0.8 × {workers} × one worker's level",
+                        f"{fmt(held.get(f'direct ({workers} workers)'))} vs {workers} × {fmt(held.get('direct'))}",
+                        f"×{value}",
+                        _met(value >= 0.8),
+                    )
+                )
+    if row := _find(scenarios.get("1"), "envoy", streams=50, token_delay_ms=0.0):
+        value = get("vs_baseline", "words_per_s_ratio")(row)
+        found.append(
+            (
+                "words/s through Envoy at 50 streams ≥ 0.7 × the baseline at equal words/message",
+                f"{fmt(row['words_per_s'], 0)} words/s at {fmt(row.get('words_per_message'), 1)} words/message",
+                f"×{value}",
+                _met(value is not None and value >= 0.7),
+            )
+        )
+    for row in (scenarios.get("4") or {}).get("rows", []):
+        if row.get("telemetry") == "on" and row.get("vs_off"):
+            value = row["vs_off"]["words_per_s_ratio"]
+            found.append(
+                (
+                    f"telemetry on costs ≤ 10% (median of repeats), {row['streams']} stream(s)",
+                    f"words/s ×{value} of off; {_signed(row['vs_off']['cpu_us_per_word_added'])} µs CPU/word",
+                    f"×{value}",
+                    _met(value is not None and value >= 0.9),
+                )
+            )
+    for row in _measured(scenarios, "3"):
+        if row["system"] == "direct" and row["streams"] == 100:
+            kb = next(iter(row["server"].values()))["rss_per_stream_kb"]
+            base = _find(scenarios.get("3"), "baseline", streams=100)
+            base_kb = next(iter(base["server"].values()))["rss_per_stream_kb"] if base else None
+            found.append(
+                (
+                    "≤ 50 KB RSS per open stream at 100 streams",
+                    f"{fmt(kb)} KB (baseline {fmt(base_kb)} KB)",
+                    f"×{ratio_of(kb, base_kb)}" if base_kb else "–",
+                    _met(kb <= 50),
+                )
+            )
+    return found
+
+
+def ratio_of(value: float | None, baseline: float | None) -> str:
+    return "–" if value is None or not baseline else f"{value / baseline:.2f}"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
 def _lever_headline(levers: dict[str, Any]) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     if (strands := levers.get("strands")) and "agent_us_per_token" in strands:
@@ -272,8 +383,8 @@ def _lever_headline(levers: dict[str, Any]) -> list[tuple[str, str]]:
     for row in (levers.get("coalescing") or {}).get("rows", [])[1:]:
         found.append(
             (
-                f"6. coalescing {row['tokens_per_message']} tokens/message (raw server)",
-                f"tokens/s ×{row.get('tokens_per_s_ratio')}, {fmt(row.get('server_cpu_us_per_token'))} µs CPU/token",
+                f"6. {row['words_per_message_asked']} words/message (raw server)",
+                f"words/s ×{row.get('words_per_s_ratio')}, {fmt(row.get('server_cpu_us_per_word'))} µs CPU/word",
             )
         )
     for row in (levers.get("uvloop") or {}).get("rows", []):
@@ -281,8 +392,8 @@ def _lever_headline(levers: dict[str, Any]) -> list[tuple[str, str]]:
             found.append(
                 (
                     f"6. uvloop, {row['system'].split(',')[0]}",
-                    f"chunks/s ×{row['vs_asyncio']['chunks_per_s_ratio']}, "
-                    f"CPU/chunk ×{row['vs_asyncio']['cpu_per_chunk_ratio']}",
+                    f"words/s ×{row['vs_asyncio']['words_per_s_ratio']}, "
+                    f"CPU/word ×{row['vs_asyncio']['cpu_per_word_ratio']}",
                 )
             )
     if (prometheus := levers.get("prometheus")) and "per_chunk_us_estimate" in prometheus:
@@ -294,7 +405,7 @@ def _levers(scenario: dict[str, Any]) -> list[str]:
     strands, prometheus = scenario.get("strands", {}), scenario.get("prometheus", {})
     lines = ["Strands' own per-token cost (" + strands.get("method", "") + "):", ""]
     lines += [f"- {k}: {fmt(v, 2)}" for k, v in strands.items() if k != "method"]
-    lines += ["", f"Coalescing ({scenario['coalescing'].get('streams')} streams, raw baseline server):", ""]
+    lines += ["", f"Words per message ({scenario['coalescing'].get('streams')} streams, raw baseline server):", ""]
     lines += table(scenario["coalescing"]["rows"], COALESCE)
     lines += ["", f"uvloop ({scenario['uvloop'].get('streams')} streams, zero delay):", ""]
     lines += table(scenario["uvloop"]["rows"], LOOP)
@@ -313,9 +424,10 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     scenarios = results["scenarios"]
-    figure, axes = plt.subplots(2, 3, figsize=(18, 10))
-    _bars(axes[0][0], _measured(scenarios, "1"), "chunks_per_s", "1. throughput (chunks/s)")
-    _bars(axes[0][1], _measured(scenarios, "1"), "server_cpu_us_per_chunk", "1. server CPU µs per chunk")
+    figure, axes = plt.subplots(2, 3, figsize=(18, 11))
+    zero_delay = [r for r in _measured(scenarios, "1") if not r.get("token_delay_ms")]
+    _bars(axes[0][0], zero_delay, "words_per_s", "1. throughput at zero delay (words/s; words/message on top)")
+    _bars(axes[0][1], zero_delay, "server_cpu_us_per_word", "1. server CPU µs per word at zero delay")
     _ttfc(axes[0][2], _measured(scenarios, "2"), "2. time to first chunk (ms)")
     ideal_ms = (scenarios.get("3") or {}).get("params", {}).get("ideal_stream_ms")
     limit = ideal_ms * (1 + HELD_DURATION_SLACK) if ideal_ms else None
@@ -345,10 +457,15 @@ def _empty(axis: Any, title: str) -> None:
 def _bars(axis: Any, rows: list[Row], key: str, title: str) -> None:
     if not rows:
         return _empty(axis, title)
-    labels = [f"{r['system']}\n{r['streams']} streams" for r in rows]
-    axis.bar(labels, [r.get(key) or 0 for r in rows], color=[_colour(r["system"]) for r in rows])
+    labels = [f"{r['system'].replace(', ', chr(10))}\n{r['streams']} streams" for r in rows]
+    bars = axis.bar(range(len(rows)), [r.get(key) or 0 for r in rows], color=[_colour(r["system"]) for r in rows])
+    for bar, row in zip(bars, rows, strict=True):
+        if row.get("words_per_message") is not None:
+            axis.annotate(f"{row['words_per_message']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=7)  # fmt: skip
+    axis.set_xticks(range(len(rows)), labels, rotation=90)
     axis.set_title(title)
-    axis.tick_params(axis="x", labelsize=8)
+    axis.tick_params(axis="x", labelsize=7)
     return None
 
 
@@ -386,6 +503,8 @@ def _capacity(axis: Any, rows: list[Row], key: tuple[str, str], title: str, limi
 
 
 def _colour(system: str) -> str:
-    return {"baseline": "tab:grey", "direct": "tab:blue", "target": "tab:blue", "envoy": "tab:orange"}.get(
-        system, "tab:green"
-    )
+    if system.startswith("baseline"):
+        return "tab:grey" if "1 word" in system else "silver"
+    if "coalescing off" in system:
+        return "lightsteelblue" if system.startswith("direct") else "navajowhite"
+    return {"direct": "tab:blue", "target": "tab:blue", "envoy": "tab:orange"}.get(system, "tab:green")

@@ -1,10 +1,14 @@
 """The two comparison servers, each run as its own process so its CPU and RSS are its own.
 
 - `raw`: the baseline. A minimal grpc.aio server on the service's own stubs that streams the
-  same number of same-sized `ChatResponse` chunks as the demo model (same words, event ids,
-  sequence numbers, a final `done`), with the same per-token delay: no agent, no telemetry.
-  `--coalesce K` sends K tokens per message (the coalescing lever), `--loop uvloop` the loop lever,
-  `--processes N` runs N of them on one port (SO_REUSEPORT), the baseline of `AGENT_WORKERS=N`.
+  same words as the demo model in `ChatResponse` messages shaped like the service's (event ids,
+  sequence numbers, a final `done`), paced on the demo model's schedule: no agent, no telemetry.
+  The answer's shape is the server's defaults (`--words`, `--delay-ms`, `--coalesce`) unless the
+  request's metadata says otherwise (`words`, `delay_ms`, `words_per_message`), so one process
+  serves every shape a scenario compares. Words per message may be fractional (3.4: messages of 3
+  and 4 words, 3.4 on average), to match what the service's coalescing measured.
+  `--loop uvloop` is the loop lever, `--processes N` runs N of them on one port (SO_REUSEPORT),
+  the baseline of `AGENT_WORKERS=N`.
 - `seed`: the seed's design. A sync `grpc.server(ThreadPoolExecutor(max_workers=10))` whose
   handler sleeps per token (`time.sleep`), so it holds 10 streams and the 11th waits a whole stream.
 
@@ -17,16 +21,16 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import random
 import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent import futures
 
 import grpc
 
-from agent_service.models.demo import TokenPacer
 from agent_service.proto import agent_pb2, agent_pb2_grpc
 
 # The demo model's text reply: an acknowledgement of the prompt padded with filler words.
@@ -41,31 +45,69 @@ def reply_words(prompt: str, words: int) -> list[str]:
     return (natural + filler)[:words]
 
 
-def _texts(words: list[str], coalesce: int) -> Iterator[tuple[str, int]]:
-    """Message texts, `coalesce` words each (words keep the demo model's trailing space), with word counts."""
-    for start in range(0, len(words), coalesce):
-        group = words[start : start + coalesce]
-        last = start + coalesce >= len(words)
+def _texts(words: list[str], per_message: float) -> Iterator[tuple[str, int]]:
+    """Message texts of `per_message` words on average over many answers, with their word counts.
+
+    An answer of W words goes out in W / `per_message` messages: a fractional count is rounded
+    up or down at random in proportion (1.12 messages: one message 88% of the time, two 12%), so
+    the average matches even when it is close to one message per answer. Words keep the demo
+    model's trailing space.
+    """
+    wanted = len(words) / max(1.0, per_message)
+    count = int(wanted) + (random.random() < wanted - int(wanted))
+    count = max(1, min(len(words), count))
+    start = 0
+    for index in range(1, count + 1):
+        end = len(words) * index // count
+        group = words[start:end]
+        last = end >= len(words)
         yield "".join(w if last and i == len(group) - 1 else w + " " for i, w in enumerate(group)), len(group)
+        start = end
+
+
+class Pacer:
+    """The demo model's schedule (`agent_service.models.demo.TokenPacer`): token n is due at start + n × delay.
+
+    A copy, so the baseline does not import strands (seconds of start-up for every baseline process).
+    """
+
+    def __init__(self, delay_s: float) -> None:
+        self._delay_s = delay_s
+        self._next: float | None = None
+
+    async def wait(self, tokens: int = 1) -> None:
+        if not self._delay_s:
+            return
+        now = asyncio.get_running_loop().time()
+        self._next = (now if self._next is None else self._next) + self._delay_s * tokens
+        if self._next > now:
+            await asyncio.sleep(self._next - now)
 
 
 class RawServicer(agent_pb2_grpc.AgentServiceServicer):
-    """The baseline: chunks shaped like the service's, straight from a loop."""
+    """The baseline: messages shaped like the service's, straight from a loop."""
 
-    def __init__(self, words: int, delay_ms: float, coalesce: int) -> None:
+    def __init__(self, words: int, delay_ms: float, coalesce: float) -> None:
         self.words = words
-        self.delay_s = delay_ms / 1000.0
-        self.coalesce = max(1, coalesce)
+        self.delay_ms = delay_ms
+        self.coalesce = max(1.0, coalesce)
+
+    def shape(self, metadata: Mapping[str, str]) -> tuple[int, float, float]:
+        """(words, delay in seconds, words per message) of one answer: the request's, else the server's."""
+        words = int(metadata.get("words", self.words))
+        delay_ms = float(metadata.get("delay_ms", self.delay_ms))
+        return words, delay_ms / 1000.0, float(metadata.get("words_per_message", self.coalesce))
 
     async def StreamChat(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.ChatResponse]:
         started = time.perf_counter()
         call_id = uuid.uuid4().hex[:16]
-        words = reply_words(request.content, self.words)
+        count_words, delay_s, per_message = self.shape(request.metadata)
+        words = reply_words(request.content, count_words)
         sequence = 0
-        pacer = TokenPacer(self.delay_s)  # the demo model's schedule, so both pace alike
-        for text, count in _texts(words, self.coalesce):
+        pacer = Pacer(delay_s)  # the demo model's schedule, so both pace alike
+        for text, count in _texts(words, per_message):
             await pacer.wait(count)
             sequence += 1
             yield agent_pb2.ChatResponse(
@@ -101,7 +143,7 @@ class SeedServicer(agent_pb2_grpc.AgentServiceServicer):
 _OPTIONS = [("grpc.so_reuseport", 0)]
 
 
-async def serve_raw(port: int, words: int, delay_ms: float, coalesce: int, reuseport: bool = False) -> None:
+async def serve_raw(port: int, words: int, delay_ms: float, coalesce: float, reuseport: bool = False) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)] if reuseport else _OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(RawServicer(words, delay_ms, coalesce), server)
     if not server.add_insecure_port(f"127.0.0.1:{port}"):
@@ -128,7 +170,7 @@ def serve_seed(port: int, words: int, delay_ms: float, workers: int) -> None:
     server.stop(0.5).wait()
 
 
-def _run_raw(port: int, words: int, delay_ms: float, coalesce: int, loop: str, reuseport: bool = False) -> None:
+def _run_raw(port: int, words: int, delay_ms: float, coalesce: float, loop: str, reuseport: bool = False) -> None:
     coroutine = serve_raw(port, words, delay_ms, coalesce, reuseport)
     if loop == "uvloop":
         import uvloop
@@ -138,7 +180,7 @@ def _run_raw(port: int, words: int, delay_ms: float, coalesce: int, loop: str, r
         asyncio.run(coroutine)
 
 
-def serve_raw_group(processes: int, port: int, words: int, delay_ms: float, coalesce: int, loop: str) -> None:
+def serve_raw_group(processes: int, port: int, words: int, delay_ms: float, coalesce: float, loop: str) -> None:
     """`processes` raw servers on one port, forked before any gRPC object exists (as the service's workers are);
     SIGTERM/SIGINT here stops them all."""
     context = multiprocessing.get_context("fork")
@@ -165,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.servers", description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["raw", "seed"])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--words", type=int, default=100, help="chunks per stream (as AGENT_DEMO_REPLY_WORDS)")
+    parser.add_argument("--words", type=int, default=100, help="words per answer (as AGENT_DEMO_REPLY_WORDS)")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="delay per token (as AGENT_DEMO_TOKEN_DELAY_MS)")
-    parser.add_argument("--coalesce", type=int, default=1, help="raw: tokens per message")
+    parser.add_argument("--coalesce", type=float, default=1.0, help="raw: words per message (may be fractional)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="raw: event loop")
     parser.add_argument("--workers", type=int, default=10, help="seed: thread pool size")
     parser.add_argument("--processes", type=int, default=1, help="raw: server processes sharing the port")

@@ -43,3 +43,15 @@ def minus(value: float | None, baseline: float | None, digits: int = 3) -> float
     if value is None or baseline is None:
         return None
     return round(value - baseline, digits)
+
+
+def median(values: Sequence[float]) -> float | None:
+    return percentile(values, 50)
+
+
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Median, min, max and (max - min) / median in % of repeated measurements of one figure."""
+    mid = median(values)
+    low, high = (min(values), max(values)) if values else (None, None)
+    relative = None if mid in (None, 0) or low is None or high is None else round((high - low) / mid * 100, 1)
+    return {"median": mid, "min": low, "max": high, "spread_pct": relative, "n": len(values)}

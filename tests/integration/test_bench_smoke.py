@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ROW_KEYS = {"system", "streams", "chunks_per_s", "ttfc_ms", "duration_ms", "errors", "server"}
+ROW_KEYS = {
+    "system",
+    "streams",
+    "words_per_s",
+    "messages_per_s",
+    "words_per_message",
+    "ttfc_ms",
+    "duration_ms",
+    "errors",
+    "server",
+}
 
 
 def _measured(rows: list[dict]) -> list[dict]:
@@ -24,11 +34,11 @@ def _measured(rows: list[dict]) -> list[dict]:
     return [row for row in rows if "not_measured" not in row]
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(300)
 def test_quick_run_writes_results_for_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "tests.bench", "--quick", "--workers", "2", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=360)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=270)
     assert done.returncode == 0, done.stderr[-4000:]
 
     results = json.loads((out / "results.json").read_text())
@@ -49,8 +59,22 @@ def test_quick_run_writes_results_for_every_scenario(tmp_path: Path) -> None:
         for row in measured:
             assert set(row) >= ROW_KEYS, (number, row)
         systems = {row["system"] for row in measured}
-        assert "baseline" in systems or number == "4"
+        assert any(system.startswith("baseline") for system in systems) or number == "4"
         assert "direct" in systems or number == "4"
+    throughput = {row["system"]: row for row in _measured(scenarios["1"]["rows"])}
+    assert set(throughput) >= {
+        "baseline, 1 word/message",
+        "baseline, direct's words/message",
+        "direct",
+        "direct, coalescing off",
+    }
+    # Each service row is compared with the baseline at its own words per message.
+    direct = throughput["direct"]
+    assert direct["vs_baseline"]["baseline"] == "baseline, direct's words/message"
+    matched = throughput["baseline, direct's words/message"]["words_per_message"]
+    assert abs(matched - direct["words_per_message"]) <= 0.25 * direct["words_per_message"]
+    assert throughput["direct, coalescing off"]["words_per_message"] == 1.0
+    assert throughput["direct, coalescing off"]["vs_baseline"]["baseline"] == "baseline, 1 word/message"
     assert "seed" in {row["system"] for row in scenarios["5"]["rows"]}
     assert all("held" in row for row in _measured(scenarios["3"]["rows"]))
     held = scenarios["3"]["highest_level_held"]
@@ -61,6 +85,8 @@ def test_quick_run_writes_results_for_every_scenario(tmp_path: Path) -> None:
     assert {row["telemetry"] for row in scenarios["4"]["rows"]} == {"on", "off"}
     assert set(scenarios["4"]["effective"]) == {"on", "off"}
 
-    assert (out / "results.md").read_text().startswith("# Benchmark")
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# Benchmark")
+    assert "## Targets (issue 13)" in markdown
     assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
     assert "| system |" in done.stdout  # the table is printed at the end

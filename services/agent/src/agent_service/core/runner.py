@@ -1,6 +1,6 @@
 """One agent run: deadline and cancellation wiring, failure classification, closing the turn.
 
-The agent runs in a task of its own and hands events over a queue, so the caller
+The agent runs in a task of its own and hands events over a mailbox, so the caller
 can leave at any moment (deadline, client cancel, drain) without a CancelledError
 landing at an arbitrary point inside strands. When the caller leaves early the run
 is cancelled the way strands expects (its ``cancel_signal``), given
@@ -19,6 +19,7 @@ import asyncio
 import functools
 import importlib
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -61,22 +62,58 @@ YIELD_INTERVAL_S = 0.001
 
 
 class _End:
-    """Queue marker: the producer finished (normally or with an exception put before it)."""
-
-
-class _Wake:
-    """Queue marker: wakes a consumer waiting for the next event (the deadline passed)."""
+    """Mailbox marker: the producer finished (normally or with an exception put before it)."""
 
 
 _END = _End()
-_WAKE = _Wake()
+
+
+class _Mailbox:
+    """The producer's items waiting for the consumer: a deque and at most one waiter.
+
+    Cheaper per event than an `asyncio.Queue`, and waiting never takes an item, so a
+    consumer whose wait is cancelled (a heartbeat's timeout, a client that left) loses
+    nothing and the answer can go on being read by someone else.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the consumer without an item (the deadline passed, the run was halted, a heartbeat is due)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get(self) -> Any:
+        return self._items.popleft()
+
+    async def wait(self) -> None:
+        """Until an item is waiting or someone pokes."""
+        if self._items:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
 
 @dataclass
 class _Run:
     """What the consumer side knows about one run."""
 
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    mailbox: _Mailbox = field(default_factory=_Mailbox)
     cancel: threading.Event = field(default_factory=threading.Event)
     expired: bool = False
     halted: tuple[ChatError, str] | None = None  # stopped from outside: the error, and the history's reason
@@ -97,14 +134,142 @@ class _Run:
     def expire(self) -> None:
         self.expired = True
         self.cancel.set()
-        self.queue.put_nowait(_WAKE)
+        self.mailbox.poke()
 
     def halt(self, error: ChatError, reason: str) -> None:
         """Stop the run from outside (interrupted by a newer request, lease lost): it ends with `error`."""
         if self.halted is None:
             self.halted = (error, reason)
             self.cancel.set()
-            self.queue.put_nowait(_WAKE)
+            self.mailbox.poke()
+
+
+class Answer:
+    """One answer in progress, read by whoever holds it: `begin`, then `take` until `ANSWERED`, then `end`.
+
+    The caller reads it without a task of its own in between (one event-loop hop per
+    event fewer than a generator driven by another task). Waiting (`wait`) never
+    touches the answer, so it can be cancelled and the answer handed to another reader.
+    The agent itself runs in the producer task, out of reach of the caller's cancellation.
+    """
+
+    def __init__(
+        self,
+        runner: AgentRunner,
+        target: Session | SessionKey,
+        prompt: str,
+        deadline: Deadline,
+        busy: BusyPolicy,
+        started: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        self._runner = runner
+        self._target = target
+        self._prompt = prompt
+        self._deadline = deadline
+        self._busy = busy
+        self._started = started
+        self._run = _Run()
+        self._session: Session | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._failure: ChatError | None = None
+        self._held: Any = None  # an item taken while coalescing, handed out next
+        self._ended = False
+
+    async def begin(self) -> None:
+        """Take the session (see `AgentRunner.run` for the errors), await `started`, start the agent."""
+        registry = self._runner._registry
+        session = await registry.acquire(self._target, self._busy, self._deadline)
+        if self._started is not None:
+            try:
+                await self._started()
+            except BaseException:
+                await registry.release(session)
+                raise
+        agent = session.agent
+        assert agent is not None
+        assert session.retry is not None
+        session.retry.start(self._deadline.at)
+        loop = asyncio.get_running_loop()
+        run = self._run
+        session.halt = lambda: run.halt(INTERRUPTED, INTERRUPTED_REASON)
+        lease = session.lease
+        if lease is not None:
+            run.journal = TurnJournal(lease)
+            lease.on_lost(lambda: run.halt(LEASE_LOST, "the session moved to another server"))
+            lease.on_interrupt(lambda: run.halt(INTERRUPTED, INTERRUPTED_REASON))
+        self._session = session
+        self._finished = loop.create_future()
+        self._producer = loop.create_task(_produce(agent, self._prompt, run))
+        self._timer = loop.call_at(self._deadline.at, run.expire)
+
+    def take(self) -> AgentEvent | _Answered | None:
+        """The next event, `ANSWERED` at the end, or None when nothing is ready yet (then `wait`).
+
+        Raises ChatError when the deadline passed or the run was halted (checked before
+        every event, not queued behind them) or the agent failed.
+        """
+        run = self._run
+        mailbox = run.mailbox
+        while True:
+            if run.expired:
+                self._failure = self._deadline.exceeded()
+                raise self._failure
+            if run.halted is not None:
+                self._failure = run.halted[0]
+                raise self._failure
+            if self._held is not None:
+                item, self._held = self._held, None
+            elif mailbox.empty():
+                return None
+            else:
+                item = mailbox.get()
+            if item is _END:
+                return ANSWERED
+            if isinstance(item, Exception):
+                self._failure = classify_failure(item)
+                raise self._failure from item
+            if self._runner._coalesce_text and type(item) is TextDelta and not mailbox.empty():
+                item, self._held = _coalesce(item, mailbox)
+            run.handed_out(item)
+            if type(item) is Finished:
+                assert self._session is not None
+                self._session.settling = self._finished  # complete for the client: a follow-up waits for the save
+            return item  # type: ignore[no-any-return]
+
+    async def wait(self) -> None:
+        """Until `take` may have something (an event, the end, a failure) or `poke` was called."""
+        await self._run.mailbox.wait()
+
+    def poke(self) -> None:
+        """Wake a reader waiting in `wait` (e.g. for a heartbeat)."""
+        self._run.mailbox.poke()
+
+    def end(self) -> None:
+        """The reader is done (finished, failed, or gone): stop the agent if needed, close the turn, release.
+
+        Idempotent; the winding down runs in a task of its own (`AgentRunner.settling`).
+        """
+        if self._ended or self._session is None:
+            self._ended = True
+            return
+        self._ended = True
+        assert self._timer is not None
+        assert self._producer is not None
+        assert self._finished is not None
+        self._timer.cancel()
+        session, run = self._session, self._run
+        session.halt = None
+        session.settling = self._finished
+        self._runner._settle_later(self._producer, session, run, _interruption(run, self._failure), self._finished)
+
+
+class _Answered:
+    """`Answer.take`'s marker for the end of the answer."""
+
+
+ANSWERED = _Answered()
 
 
 class AgentRunner:
@@ -121,6 +286,17 @@ class AgentRunner:
     def settling(self) -> int:
         """Runs still being wound down or saved (their sessions are still busy)."""
         return len(self._settling)
+
+    def answer(
+        self,
+        target: Session | SessionKey,
+        prompt: str,
+        deadline: Deadline,
+        busy: BusyPolicy = BusyPolicy.REJECT,
+        started: Callable[[], Awaitable[None]] | None = None,
+    ) -> Answer:
+        """One answer to read step by step (see `Answer`); `run` reads one as a generator."""
+        return Answer(self, target, prompt, deadline, busy, started)
 
     async def run(
         self,
@@ -139,67 +315,31 @@ class AgentRunner:
         UNAVAILABLE or INTERNAL when the provider (or the session store) fails.
         `started` is awaited once the session is taken, before the agent runs.
         """
-        session = await self._registry.acquire(target, busy, deadline)
-        if started is not None:
-            try:
-                await started()
-            except BaseException:
-                await self._registry.release(session)
-                raise
-        agent = session.agent
-        assert agent is not None
-        assert session.retry is not None
-        session.retry.start(deadline.at)
-        loop = asyncio.get_running_loop()
-        run = _Run()
-        session.halt = lambda: run.halt(INTERRUPTED, INTERRUPTED_REASON)
-        lease = session.lease
-        if lease is not None:
-            run.journal = TurnJournal(lease)
-            lease.on_lost(lambda: run.halt(LEASE_LOST, "the session moved to another server"))
-            lease.on_interrupt(lambda: run.halt(INTERRUPTED, INTERRUPTED_REASON))
-        finished: asyncio.Future[None] = loop.create_future()
-        producer = loop.create_task(_produce(agent, prompt, run))
-        timer = loop.call_at(deadline.at, run.expire)
-        failure: ChatError | None = None
-        held: Any = None  # an item taken while coalescing, handed out next
+        answer = self.answer(target, prompt, deadline, busy, started)
+        await answer.begin()
         try:
             while True:
-                if held is not None:
-                    item, held = held, None
-                else:
-                    item = await run.queue.get()
-                if run.expired:
-                    failure = deadline.exceeded()
-                    raise failure
-                if run.halted is not None:
-                    failure = run.halted[0]
-                    raise failure
-                if item is _END:
+                event = answer.take()
+                if event is None:
+                    await answer.wait()
+                elif event is ANSWERED:
                     return
-                if item is _WAKE:
-                    continue
-                if isinstance(item, Exception):
-                    failure = classify_failure(item)
-                    raise failure from item
-                if self._coalesce_text and type(item) is TextDelta and not run.queue.empty():
-                    item, held = _coalesce(item, run.queue)
-                run.handed_out(item)
-                if type(item) is Finished:
-                    session.settling = finished  # complete for the client: a follow-up waits for the save
-                yield item
+                else:
+                    yield event  # type: ignore[misc]
         finally:
-            timer.cancel()
-            session.halt = None
-            session.settling = finished
-            settle = loop.create_task(self._settle(producer, session, run, _interruption(run, failure), finished))
-            self._settling.add(settle)
-            settle.add_done_callback(self._settling.discard)
+            answer.end()
 
     async def aclose(self, timeout_s: float) -> None:
         """Wait (bounded) for runs still winding down, e.g. at shutdown."""
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
+
+    def _settle_later(
+        self, producer: asyncio.Task[None], session: Session, run: _Run, reason: str, finished: asyncio.Future[None]
+    ) -> None:
+        settle = asyncio.get_running_loop().create_task(self._settle(producer, session, run, reason, finished))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settling.discard)
 
     async def _settle(
         self, producer: asyncio.Task[None], session: Session, run: _Run, reason: str, finished: asyncio.Future[None]
@@ -251,15 +391,15 @@ def _interruption(run: _Run, failure: ChatError | None) -> str:
 
 
 async def _produce(agent: Agent, prompt: str, run: _Run) -> None:
-    """Drive strands' stream and put agent events (then an exception, if any, and _END) on the queue."""
+    """Drive strands' stream and put agent events (then an exception, if any, and _END) in the mailbox."""
     loop = asyncio.get_running_loop()
-    queue = run.queue
+    mailbox = run.mailbox
     tools = ToolNames()
     paused = loop.time()
     try:
         async for event in agent.stream_async(prompt, cancel_signal=run.cancel):
             for item in map_strands_event(event, tools):
-                queue.put_nowait(item)
+                mailbox.put(item)
             now = loop.time()
             if now - paused >= YIELD_INTERVAL_S:
                 await asyncio.sleep(0)
@@ -267,13 +407,13 @@ async def _produce(agent: Agent, prompt: str, run: _Run) -> None:
     except MaxTokensReachedException:
         # A truncated answer, not a failure: strands keeps the partial message in the history.
         usage = usage_from_counts(agent.event_loop_metrics.accumulated_usage)
-        queue.put_nowait(Finished(stop_reason="max_tokens", usage=usage))
+        mailbox.put(Finished(stop_reason="max_tokens", usage=usage))
     except Exception as exc:  # noqa: BLE001 - handed to the caller, which classifies it
-        queue.put_nowait(exc)
-    queue.put_nowait(_END)
+        mailbox.put(exc)
+    mailbox.put(_END)
 
 
-def _coalesce(first: TextDelta, queue: asyncio.Queue[Any]) -> tuple[TextDelta, Any]:
+def _coalesce(first: TextDelta, mailbox: _Mailbox) -> tuple[TextDelta, Any]:
     """Merge the text deltas already waiting behind `first` into one; return it and the next non-text item.
 
     Nothing waits for more text: only what the model produced while the previous event
@@ -283,8 +423,8 @@ def _coalesce(first: TextDelta, queue: asyncio.Queue[Any]) -> tuple[TextDelta, A
     """
     parts = [first.text]
     size = len(first.text)
-    while not queue.empty() and len(parts) < MAX_COALESCED_DELTAS and size < MAX_COALESCED_CHARS:
-        item = queue.get_nowait()
+    while not mailbox.empty() and len(parts) < MAX_COALESCED_DELTAS and size < MAX_COALESCED_CHARS:
+        item = mailbox.get()
         if type(item) is not TextDelta or size + len(item.text) > MAX_COALESCED_CHARS:
             return TextDelta("".join(parts)), item
         parts.append(item.text)

@@ -1,11 +1,17 @@
 """Runs: every answer runs in a task of its own, its events logged so it can outlive its connection.
 
-A `Run` drives the runner, numbers its events, hands them to the call that asked
-(`follow`) and appends them to the store's run log (in batches, off the answer's
-path), so a client whose connection dropped gets the rest from any replica with
-ResumeStream. When the client leaves, the run is cancelled (`on_disconnect=CANCEL`,
+A `Run` reads the runner's answer, numbers its events, hands them to the call that
+asked (`follow`) and gives them to the run log writer (`run_log`: batched, off the
+answer's path), so a client whose connection dropped gets the rest from any replica
+with ResumeStream. When the client leaves, the run is cancelled (`on_disconnect=CANCEL`,
 the default) or runs to its end (`CONTINUE`), keeping the stream slot of the call
 that started it until then. A silent run gets a heartbeat every `AGENT_HEARTBEAT_S`.
+
+A run that ends with its caller (CANCEL, and REJECT when busy: nothing to wait for
+before answering) is read by the caller's own task, one event-loop hop per event
+fewer; a run that may outlive its caller (CONTINUE) or wait in line first (ENQUEUE,
+INTERRUPT, with heartbeats meanwhile) runs in a task of its own and hands its events
+to the caller over a feed.
 
 Lifecycle (the README draws it):
 
@@ -18,25 +24,21 @@ Lifecycle (the README draws it):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
 from agent_service.core.deadline import Deadline
 from agent_service.core.errors import ChatError, ErrorKind
-from agent_service.core.events import Done, Failure, Finished, Heartbeat, Reply, ReplyEvent
-from agent_service.core.requests import ValidRequest
-from agent_service.core.runner import AgentRunner
+from agent_service.core.events import AgentEvent, Done, Failure, Finished, Heartbeat, Reply, ReplyEvent
+from agent_service.core.requests import BusyPolicy, DisconnectPolicy, ValidRequest
+from agent_service.core.run_log import RunLogWriter, RunRecord
+from agent_service.core.runner import ANSWERED, AgentRunner, Answer
 from agent_service.core.sessions import Session
 from agent_service.settings import Settings
-from agent_service.store import RunLog, RunNotFoundError, SessionKey, StoreUnavailableError
-
-# The run log is written in batches at most this often (the answer itself never waits for it).
-LOG_FLUSH_S = 0.01
+from agent_service.store import RunLog, RunNotFoundError, SessionKey
 
 
 def new_run_id() -> str:
@@ -44,7 +46,7 @@ def new_run_id() -> str:
 
 
 class Run:
-    """One answer, driven in its own task; `follow` yields its events to the call that started it."""
+    """One answer; `follow` yields its events to the call that started it (see the module docstring)."""
 
     def __init__(
         self,
@@ -55,26 +57,156 @@ class Run:
         session_id: str,
         owner: str,
         base_sequence: int,
+        answer: Callable[[Callable[[], Awaitable[None]]], Answer],
+        started: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        """`answer` makes the runner's answer given the callback to await once the session is taken."""
         self.run_id = run_id
         self.owner = owner
         self.last_sequence = base_sequence
         self.finished = asyncio.Event()
         self.on_end: Callable[[], None] | None = None  # called once when the run ends (gives back its slot)
+        self.task: asyncio.Task[None] | None = None  # the run's own task (a run that may outlive its caller)
         self._manager = manager
         self._call_id = call_id
         self._turn = turn
         self._session_id = session_id
+        self._started = started
+        self._answer = answer(self._on_started)
+        self._record = RunRecord(run_id, owner) if manager.retention_s > 0 else None
+        self._opened = False
+        self._count = 0
+        self._clock = time.perf_counter()
+        self._closed = False
+        # A run in a task of its own hands its events to the caller over this feed while it is attached.
         self._feed: asyncio.Queue[Reply | ChatError | None] = asyncio.Queue()
         self._attached = True
-        self._pending: list[dict[str, Any]] = []
-        self._log_started = False
-        self._log_failed = False
-        self._flusher: asyncio.Task[None] | None = None
-        self.task: asyncio.Task[None] | None = None
+        # Heartbeats of a run read by its caller: one timer per heartbeat interval, not one per event.
+        self._beat: asyncio.TimerHandle | None = None
+        self._beat_due = False
+        self._last_out = 0.0
 
     async def follow(self) -> AsyncIterator[Reply]:
         """The run's events as they happen (heartbeats when silent); raises the run's ChatError after its Failure."""
+        if self.task is None:
+            async for reply in self._read(heartbeats=True):
+                yield reply
+            return
+        async for reply in self._follow_feed():
+            yield reply
+
+    def detach(self) -> None:
+        """The client left; the run goes on to its end (CONTINUE), its events only logged."""
+        self._attached = False
+        self._manager.log.info("run.detached", run_id=self.run_id, session_id=self._session_id)
+
+    def cancel(self) -> None:
+        """The client left (CANCEL): stop the answer (its partial text stays in the history)."""
+        self._attached = False
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self._close()
+
+    async def drive(self) -> None:
+        """Read the answer in the run's own task, handing its events to the caller while it is attached."""
+        try:
+            async for reply in self._read(heartbeats=False):
+                self._put(reply)
+        except ChatError as error:
+            self._put(error)
+        finally:
+            self._put(None)
+
+    async def _on_started(self) -> None:
+        self.open_log()  # resumable from now on, even before its first event
+        if self._started is not None:
+            await self._started(self.run_id)
+
+    def open_log(self) -> None:
+        """Start keeping the run's events in the store (the session is taken: the run is on)."""
+        self._opened = True
+        if self._record is not None:
+            self._manager.writer.open(self._record)
+
+    async def _read(self, heartbeats: bool) -> AsyncIterator[Reply]:
+        """Begin the answer, then number, log and yield each event; end with Done, or Failure and the error."""
+        answer = self._answer
+        try:
+            try:
+                await answer.begin()
+                if heartbeats:
+                    self._arm_heartbeat()
+                while True:
+                    event = answer.take()
+                    if event is None:
+                        if self._beat_due:
+                            self._beat_due = False
+                            yield self._reply(Heartbeat(), self.last_sequence)
+                        else:
+                            await answer.wait()
+                    elif event is ANSWERED:
+                        return
+                    else:
+                        yield self._number(event)  # type: ignore[arg-type]
+            except ChatError as error:
+                if not (error.kind is ErrorKind.ABORTED and self._count == 0 and not self._opened):
+                    yield self._emit(Failure(error.kind.value, error.message))  # not for a refusal before anything ran
+                raise
+        finally:
+            self._close()
+
+    def _number(self, event: AgentEvent) -> Reply:
+        if type(event) is Finished:
+            duration_ms = round((time.perf_counter() - self._clock) * 1000, 3)
+            return self._emit(Done(event.stop_reason, event.usage, self._count, duration_ms))
+        self._count += 1
+        return self._emit(event)  # type: ignore[arg-type]
+
+    def _emit(self, event: ReplyEvent) -> Reply:
+        self.last_sequence += 1
+        reply = Reply(self._call_id, self.last_sequence, self._turn, self._session_id, event, self.run_id)
+        if self._record is not None:
+            self._manager.writer.add(self._record, reply)
+        if self._beat is not None:
+            self._last_out = self._beat_loop_time()
+        return reply
+
+    def _close(self) -> None:
+        """The run is over (once): stop the answer if it is not, end its log, tell who waits."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._beat is not None:
+            self._beat.cancel()
+        self._answer.end()
+        if self._record is not None and (self._opened or self._record.pending):
+            self._manager.writer.close(self._record)
+        self.finished.set()
+        if self.on_end is not None:
+            self.on_end()
+
+    def _beat_loop_time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _arm_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_out = loop.time()
+        self._beat = loop.call_later(self._manager.heartbeat_s, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        """A heartbeat is due when nothing went out for an interval; wake the reader to send it."""
+        loop = asyncio.get_running_loop()
+        interval = self._manager.heartbeat_s
+        quiet = loop.time() - self._last_out
+        if quiet >= interval:
+            self._beat_due = True
+            self._last_out = loop.time()
+            self._answer.poke()
+            quiet = 0.0
+        self._beat = loop.call_later(interval - quiet, self._heartbeat)
+
+    async def _follow_feed(self) -> AsyncIterator[Reply]:
         heartbeat_s = self._manager.heartbeat_s
         while True:
             if self._feed.empty():
@@ -92,99 +224,12 @@ class Run:
                 raise item
             yield item
 
-    def detach(self) -> None:
-        """The client left; the run goes on to its end (CONTINUE), its events only logged."""
-        self._attached = False
-        self._manager.log.info("run.detached", run_id=self.run_id, session_id=self._session_id)
-
-    def cancel(self) -> None:
-        """The client left (CANCEL): stop the answer (its partial text stays in the history)."""
-        self._attached = False
-        if self.task is not None:
-            self.task.cancel()
-
-    async def drive(
-        self,
-        runner: AgentRunner,
-        target: Session | SessionKey,
-        request: ValidRequest,
-        deadline: Deadline,
-        started: Callable[[], Awaitable[None]] | None,
-    ) -> None:
-        """Run the answer: number, log and hand out each event; end with Done, or Failure and the error."""
-        clock = time.perf_counter()
-        count = 0
-        try:
-            events = runner.run(target, request.content, deadline, request.if_busy, started)
-            async for event in events:
-                if isinstance(event, Finished):
-                    duration_ms = round((time.perf_counter() - clock) * 1000, 3)
-                    self._emit(Done(event.stop_reason, event.usage, count, duration_ms))
-                else:
-                    count += 1
-                    self._emit(event)
-        except ChatError as error:
-            if not (error.kind is ErrorKind.ABORTED and count == 0 and not self._log_started):
-                self._emit(Failure(error.kind.value, error.message))  # not for a refusal before anything ran
-            self._put(error)
-        finally:
-            self._put(None)
-            await self._close_log()
-            self.finished.set()
-            if self.on_end is not None:
-                self.on_end()
-
-    def open_log(self) -> None:
-        """Start keeping the run's events in the store (the session is taken: the run is on)."""
-        if self._manager.retention_s > 0 and self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
-
-    def _emit(self, event: ReplyEvent) -> None:
-        self.last_sequence += 1
-        reply = self._reply(event, self.last_sequence)
-        self._put(reply)
-        if self._manager.retention_s > 0 and not self._log_failed:
-            self._pending.append(reply.to_record())
-            self.open_log()
-
     def _put(self, item: Reply | ChatError | None) -> None:
         if self._attached or item is None:
             self._feed.put_nowait(item)
 
     def _reply(self, event: ReplyEvent, sequence: int) -> Reply:
         return Reply(self._call_id, sequence, self._turn, self._session_id, event, self.run_id)
-
-    async def _flush_forever(self) -> None:
-        """Append pending events to the run log in batches; a log that fails is given up (the answer goes on)."""
-        log = self._manager.runs
-        try:
-            await log.start(self.run_id, self.owner, self._manager.max_life_s)
-            self._log_started = True
-            while True:
-                if self._pending:
-                    batch, self._pending = self._pending, []
-                    await log.append(self.run_id, batch)
-                await asyncio.sleep(LOG_FLUSH_S)
-        except StoreUnavailableError as error:
-            self._log_failed = True
-            self._pending.clear()
-            self._manager.log.warning("run.log_failed", run_id=self.run_id, error=error.message)
-
-    async def _close_log(self) -> None:
-        if self._flusher is None:
-            return
-        self._flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._flusher
-        if self._log_failed:
-            return
-        with contextlib.suppress(StoreUnavailableError):
-            if not self._log_started:
-                await self._manager.runs.start(self.run_id, self.owner, self._manager.max_life_s)
-            if self._pending:
-                await self._manager.runs.append(self.run_id, self._pending)
-                self._pending = []
-            await self._manager.runs.end(self.run_id, self._manager.retention_s)
 
 
 class RunManager:
@@ -198,6 +243,7 @@ class RunManager:
         self.heartbeat_s = settings.heartbeat_s
         # A run lasts at most the server's cap (plus winding down); its log must outlive that.
         self.max_life_s = settings.max_stream_duration_s + 2 * settings.cancel_grace_s + settings.run_retention_s + 60
+        self.writer = RunLogWriter(runs, self.max_life_s, self.retention_s, log)
         self._live: set[Run] = set()
 
     def start(
@@ -212,17 +258,16 @@ class RunManager:
         base_sequence: int,
         started: Callable[[str], Awaitable[None]] | None = None,
     ) -> Run:
-        """Start one answer in a task of its own."""
-        run = Run(self, new_run_id(), call_id, turn, request.session_id, owner, base_sequence)
+        """Start one answer: read by its caller, or in a task of its own when it may outlive or wait for it."""
+        runner = self._runner
 
-        async def run_started() -> None:
-            run.open_log()  # resumable from now on, even before its first event
-            if started is not None:
-                await started(run.run_id)
+        def answer(on_started: Callable[[], Awaitable[None]]) -> Answer:
+            return runner.answer(target, request.content, deadline, request.if_busy, on_started)
 
-        run.task = asyncio.get_running_loop().create_task(
-            run.drive(self._runner, target, request, deadline, run_started)
-        )
+        run = Run(self, new_run_id(), call_id, turn, request.session_id, owner, base_sequence, answer, started)
+        if request.on_disconnect is DisconnectPolicy.CANCEL and request.if_busy is BusyPolicy.REJECT:
+            return run
+        run.task = asyncio.get_running_loop().create_task(run.drive())
         self._live.add(run)
         run.task.add_done_callback(lambda _task: self._live.discard(run))
         return run
@@ -265,3 +310,4 @@ class RunManager:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
             for task in pending:
                 task.cancel()
+        await self.writer.aclose(timeout_s)

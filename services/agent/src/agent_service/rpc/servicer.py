@@ -53,12 +53,9 @@ class AgentServicer:
         metadata = context.invocation_metadata()
         call = self._core.call("StreamChat", context.peer(), _client_timeout(context), _authorization(metadata))
         header_session = codec.header_session_id(metadata)
-
-        async def announce(run_id: str) -> None:  # the run id before the first token
-            await context.send_initial_metadata(((RUN_HEADER, run_id),))
-
-        call.run_started = announce
-        await _serve(call, context, call.answer(codec.decode_request(request, header_session)))
+        headers = _Headers(context)
+        call.run_started = headers.announce
+        await _serve(call, context, call.answer(codec.decode_request(request, header_session)), headers)
         return
         yield b""  # pragma: no cover - makes this an async generator (see the module docstring)
 
@@ -82,18 +79,62 @@ class AgentServicer:
         yield b""  # pragma: no cover - makes this an async generator (see the module docstring)
 
 
-async def _serve(call: ChatCall, context: grpc.aio.ServicerContext, replies: AsyncIterator[Reply]) -> None:
+class _Headers:
+    """The run id as initial metadata (`x-run-id`), sent while the agent starts rather than before it.
+
+    Sending headers is a round trip through gRPC's completion queue; awaited before the
+    run started, it added that much to every time to first chunk. The send is started
+    when the run is accepted and awaited before the first write (or the status), which
+    it must precede.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._sending: asyncio.Task[None] | None = None
+
+    async def announce(self, run_id: str) -> None:
+        send = self._context.send_initial_metadata(((RUN_HEADER, run_id),))
+        self._sending = asyncio.get_running_loop().create_task(send)
+
+    @property
+    def pending(self) -> bool:
+        return self._sending is not None
+
+    async def sent(self) -> None:
+        """Until the headers are out (at once when there are none to send)."""
+        if self._sending is not None:
+            sending, self._sending = self._sending, None
+            await sending
+
+    async def drop(self) -> None:
+        """The call is ending: the headers no longer matter, but their send must not be left behind."""
+        if self._sending is None:
+            return
+        sending, self._sending = self._sending, None
+        if not sending.done():
+            sending.cancel()
+        with contextlib.suppress(BaseException):  # ending anyway: their failure (or cancellation) says nothing new
+            await sending
+
+
+async def _serve(
+    call: ChatCall, context: grpc.aio.ServicerContext, replies: AsyncIterator[Reply], headers: _Headers | None = None
+) -> None:
     """Write the replies within the call's hard deadline; end the call with its status."""
     try:
         async with call:
             try:
                 async with asyncio.timeout_at(call.hard_deadline):
                     async for reply in replies:
+                        if headers is not None and headers.pending:
+                            await headers.sent()
                         await context.write(codec.encode(reply))
             except TimeoutError:
                 raise call.expired() from None
             finally:
                 await _close(replies)
+                if headers is not None:
+                    await headers.drop()
     except ChatError as error:
         await _abort(context, error)
 
