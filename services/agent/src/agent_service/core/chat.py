@@ -32,6 +32,7 @@ from agent_service.core.requests import ChatInput, DisconnectPolicy, RequestLimi
 from agent_service.core.runner import AgentRunner
 from agent_service.core.runs import Run, RunManager
 from agent_service.core.sessions import AgentFactory, Session, SessionRegistry
+from agent_service.core.spare_agents import SpareAgents
 from agent_service.core.store_monitor import StoreMonitor
 from agent_service.models import build_model
 from agent_service.settings import Settings
@@ -63,7 +64,9 @@ class ChatCore:
         self.limits = RequestLimits.from_settings(settings)
         self.model_name = settings.resolved_model_id()
         self.store = open_store(settings)
-        self.registry = SessionRegistry(AgentFactory(settings, model or build_model(settings)), self.store, settings)
+        factory = AgentFactory(settings, model or build_model(settings))
+        self.registry = SessionRegistry(factory, self.store, settings)
+        self.spares = SpareAgents(factory)
         self.runner = AgentRunner(self.registry, settings.cancel_grace_s, settings.coalesce_text)
         self.runs = RunManager(self.runner, self.store.runs, settings, self.log)
         self.admission = Admission(settings.max_concurrent_streams, settings.max_streams_per_principal)
@@ -110,6 +113,7 @@ class ChatCore:
         """From now on new calls get UNAVAILABLE and idle bidi streams end."""
         self.admission.draining = True
         self.draining.set()
+        self.spares.stopped = True
 
     async def aclose(self) -> None:
         """Wind down runs (bounded), stop background work, close the store."""
@@ -182,6 +186,7 @@ class ChatCall:
             self._admitted = False
             self._core.admission.leave(self.caller.limit_key)
         self.observer.finish(outcome, fault)
+        self._core.spares.refill_soon()
 
     def expired(self) -> ChatError:
         """The error for a call whose deadline passed while the door could not deliver an event."""
@@ -196,9 +201,8 @@ class ChatCall:
         self._identify()
         valid = self._validate(request)
         self._admit()
-        target = (
-            SessionKey(self.caller.principal, valid.session_id) if valid.session_id else self._core.registry.ephemeral()
-        )
+        principal = self.caller.principal
+        target = SessionKey(principal, valid.session_id) if valid.session_id else self._core.spares.session()
         async for reply in self._turn(valid, target, turn=1):
             yield reply
 
@@ -214,7 +218,7 @@ class ChatCall:
         self._identify()
         self._admit()
         settings = self._core.settings
-        conversation = self._core.registry.ephemeral()  # the stream's own history when no session id is sent
+        conversation = self._core.spares.session()  # the stream's own history when no session id is sent
         inbox: asyncio.Queue[ChatInput | ChatError | None] = asyncio.Queue(maxsize=settings.bidi_read_ahead)
         reader = asyncio.get_running_loop().create_task(_read_requests(requests, inbox))
         turn = 0

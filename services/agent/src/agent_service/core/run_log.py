@@ -116,11 +116,12 @@ class RunLogWriter:
             if not record.started:
                 await log.start(run_id, record.owner, self._ttl_s)
                 record.started = True
-            if record.pending:
-                batch, record.pending = record.pending, []
-                await log.append(run_id, [reply.to_record() for reply in batch])
-            if record.closing and not record.pending:
-                await log.end(run_id, self._retention_s)
+            batch, record.pending = record.pending, []
+            records = [reply.to_record() for reply in batch]
+            if record.closing:
+                await log.end(run_id, self._retention_s, records)
+            elif records:
+                await log.append(run_id, records)
         except StoreUnavailableError as error:
             record.failed = True
             record.pending.clear()

@@ -130,8 +130,9 @@ class RunLog(Protocol):
 
     async def append(self, run_id: str, records: list[dict[str, Any]]) -> None: ...
 
-    async def end(self, run_id: str, retention_s: float) -> None:
-        """The run is over: readers see its end, and it is forgotten `retention_s` later."""
+    async def end(self, run_id: str, retention_s: float, records: list[dict[str, Any]] | None = None) -> None:
+        """The run is over: its last `records` are appended, readers see its end, and it is forgotten
+        `retention_s` later (one write where the store allows: most runs end before their first batch)."""
         ...
 
     async def owner(self, run_id: str) -> str | None:

@@ -63,12 +63,15 @@ class RedisRunLog:
 
         await self._store.call(add)
 
-    async def end(self, run_id: str, retention_s: float) -> None:
+    async def end(self, run_id: str, retention_s: float, records: list[dict[str, Any]] | None = None) -> None:
         meta, events = _keys(run_id)
         retention_ms = max(1, int(retention_s * 1000))
 
         async def finish(client: aioredis.Redis) -> None:
             async with client.pipeline(transaction=True) as pipe:
+                for record in records or ():
+                    entry = {"r": json.dumps(record, ensure_ascii=False)}
+                    pipe.xadd(events, entry, id=f"{record['seq']}-0", maxlen=MAX_EVENTS, approximate=True)  # type: ignore[arg-type]
                 pipe.xadd(events, {"end": "1"})  # an automatic id: after every event's
                 pipe.pexpire(meta, retention_ms)
                 pipe.pexpire(events, retention_ms)
