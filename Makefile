@@ -39,7 +39,7 @@ AGENTCORE_HTTP_PORT ?= 8090
 AGENTCORE_METRICS_PORT ?= 9465
 
 # Test tiers: markers set by directory in tests/conftest.py. PYTEST_ARGS is passed to pytest.
-FAST_TESTS := (unit or integration) and not slow and not bench
+FAST_TESTS := (unit or integration) and not system and not slow and not bench
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -60,8 +60,8 @@ run-agentcore: install ## The AgentCore Runtime face beside `make run`: HTTP on 
 test: lint typecheck test-main test-model ## Everything CI runs: lint, type check and every test (builds the model for the test that needs it)
 
 .PHONY: test-fast
-test-fast: install system-tools web-deps ## The edit loop: unit and integration tests without the model and the bench smoke test (about 5 min on 2 cores)
-	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+test-fast: install system-tools web-deps ## The edit loop: unit and in-process integration tests, on every core (no model, processes, Envoy or bench)
+	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" -n auto $(PYTEST_ARGS)
 
 .PHONY: test-main
 test-main: install system-tools web-deps ## Every test except those needing the local model (config, system with Envoy, Prometheus and Chromium, bench smoke)

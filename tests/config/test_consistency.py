@@ -230,11 +230,23 @@ def test_prometheus_loads_its_rules_from_the_mounted_directory() -> None:
     assert any(a == f"--web.listen-address=:{dotenv()['PROMETHEUS_PORT']}" for a in prometheus["command"])
 
 
-@pytest.mark.parametrize("name", ["agent", "envoy", "prometheus", "otel-collector", "jaeger"])
-def test_every_scrape_and_export_target_is_a_compose_service(name: str) -> None:
-    assert name in services()
-    hosts = {host for host, _, _ in scrape_targets().values()} - {"localhost"}
-    assert hosts <= set(services())
+def _export_targets() -> dict[str, str]:
+    """Where telemetry is sent, by who sends it: each must be a compose service."""
+    collector = load_yaml("deploy/otel-collector/config.yaml")["exporters"]["otlp/jaeger"]["endpoint"]
+    collector_default = collector.rsplit(":-", 1)[1].rstrip("}") if ":-" in collector else collector
+    agent_endpoint = services()["agent"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    return {
+        "agent traces": urlsplit(agent_endpoint).hostname or "",
+        "envoy traces": envoy_defaults()["ENVOY_OTEL_HOST"],
+        "collector export": collector_default.split(":")[0],
+        **{f"scrape {job}": host for job, (host, _, _) in scrape_targets().items() if host != "localhost"},
+    }
+
+
+@pytest.mark.parametrize("sender", ["agent traces", "envoy traces", "collector export", "scrape agent", "scrape envoy"])
+def test_every_scrape_and_export_target_is_a_compose_service(sender: str) -> None:
+    target = _export_targets()[sender]
+    assert target in services(), f"{sender} goes to {target!r}, which compose does not run"
 
 
 # --- images, bind mounts, shutdown ---------------------------------------------------------------

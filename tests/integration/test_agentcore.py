@@ -317,6 +317,7 @@ def test_a_client_that_leaves_mid_answer_frees_its_slot_and_session(served: Serv
     assert events[-1]["type"] == "done"
 
 
+@pytest.mark.system  # the console script as a process
 def test_console_script_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = dict(

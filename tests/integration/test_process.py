@@ -22,6 +22,9 @@ from agent_service.proto import agent_pb2, agent_pb2_grpc
 from tests.support.processes import CHANNEL_READY_S, service_process
 from tests.support.servers import collect, kinds, read_until_error
 
+# The service (or its client) as real processes: the system tier, not the edit loop's.
+pytestmark = pytest.mark.system
+
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from redis import Redis
 
 from agent_service.proto import agent_pb2, agent_pb2_grpc
@@ -21,6 +22,9 @@ from tests.support.fake_provider import StreamingProvider, streaming_provider
 from tests.support.processes import CHANNEL_READY_S, service_process
 from tests.support.redis_server import redis_server
 from tests.support.servers import collect, read_until_error
+
+# The service (or its client) as real processes: the system tier, not the edit loop's.
+pytestmark = pytest.mark.system
 
 LEASE_S = 2.0
 

@@ -41,6 +41,14 @@ def _tree(exporter: InMemorySpanExporter, trace_id: str) -> tuple[list[ReadableS
     return spans, {s.context.span_id: s for s in spans}
 
 
+async def _ended_tree(exporter, trace_id: str, rpc: str):
+    """The trace's spans once the server span `rpc` has ended (just after the call's last message)."""
+    async with asyncio.timeout(5):
+        while not any(s.name == rpc for s in _tree(exporter, trace_id)[0]):  # noqa: ASYNC110 - exporter state
+            await asyncio.sleep(0.01)
+    return _tree(exporter, trace_id)
+
+
 def _parent(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> str:
     assert span.parent is not None
     return by_id[span.parent.span_id].name
@@ -50,8 +58,7 @@ async def test_stream_chat_span_tree_continues_the_callers_trace(traced, span_ex
     trace_id, traceparent = _traceparent()
     request = agent_pb2.ChatRequest(content="what is 2+2", session_id="traced")
     await collect(traced.stub.StreamChat(request, metadata=traceparent))
-    await asyncio.sleep(0)  # the server span ends after the last message is sent
-    spans, by_id = _tree(span_exporter, trace_id)
+    spans, by_id = await _ended_tree(span_exporter, trace_id, "/agent.AgentService/StreamChat")
 
     (rpc,) = [s for s in spans if s.name == "/agent.AgentService/StreamChat"]
     assert rpc.parent is not None and format(rpc.parent.span_id, "016x") == PARENT_ID
@@ -80,8 +87,7 @@ async def test_prompts_and_answers_are_not_on_spans_by_default(traced, span_expo
     trace_id, traceparent = _traceparent()
     secret = "my secret prompt 7*6"
     await collect(traced.stub.StreamChat(agent_pb2.ChatRequest(content=secret), metadata=traceparent))
-    await asyncio.sleep(0)
-    spans, _ = _tree(span_exporter, trace_id)
+    spans, _ = await _ended_tree(span_exporter, trace_id, "/agent.AgentService/StreamChat")
     dumped = json.dumps([json.loads(s.to_json()) for s in spans])
     assert "my secret prompt" not in dumped and "= 42" not in dumped
     assert "[REDACTED]" in dumped
@@ -95,8 +101,7 @@ async def test_bidi_has_one_agent_span_per_answered_message(traced, span_exporte
             yield agent_pb2.ChatRequest(content=content)
 
     await collect(traced.stub.BidirectionalChat(requests(), metadata=traceparent))
-    await asyncio.sleep(0)
-    spans, by_id = _tree(span_exporter, trace_id)
+    spans, by_id = await _ended_tree(span_exporter, trace_id, "/agent.AgentService/BidirectionalChat")
     (rpc,) = [s for s in spans if s.name == "/agent.AgentService/BidirectionalChat"]
     answers = [s for s in spans if s.name.startswith("invoke_agent")]
     assert len(answers) == 3
@@ -126,6 +131,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+@pytest.mark.system  # the service as a process, exporting to a real OTLP receiver
 async def test_spans_are_exported_over_otlp_grpc(tmp_path: Path) -> None:
     collector = _Collector()
     receiver = grpc.aio.server()

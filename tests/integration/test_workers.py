@@ -21,12 +21,16 @@ from typing import Any
 import grpc
 import httpx
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_service.proto import agent_pb2, agent_pb2_grpc
 from tests.support.fake_provider import StreamingProvider, streaming_provider
 from tests.support.processes import CHANNEL_READY_S, ServiceProcess, service_process
 from tests.support.servers import collect, free_port, kinds, read_until_error
+
+# The service (or its client) as real processes: the system tier, not the edit loop's.
+pytestmark = pytest.mark.system
 
 START_S = 60  # the group's start-up: two workers building their server
 MAX_CHANNELS = 40  # each new connection lands on either worker: 2**-39 to miss one

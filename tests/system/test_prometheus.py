@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,17 @@ async def _query(client: httpx.AsyncClient, url: str, expr: str) -> list[dict[st
     return list(body["data"]["result"])
 
 
+async def _evaluated_after(client: httpx.AsyncClient, url: str, moment: float) -> None:
+    """Wait (bounded) until every rule group was evaluated after `moment` (Unix time), so their inputs were scraped."""
+    async with asyncio.timeout(30):
+        while True:
+            groups = (await client.get(f"{url}/api/v1/rules")).json()["data"]["groups"]
+            evaluated = [datetime.fromisoformat(g["lastEvaluation"].replace("Z", "+00:00")).timestamp() for g in groups]
+            if groups and min(evaluated) > moment:
+                return
+            await asyncio.sleep(0.2)
+
+
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="never: `make test` installs Debian's prometheus")
 async def test_every_dashboard_query_and_recording_rule_returns_data(tmp_path: Path) -> None:
     async with front_door(
@@ -137,7 +149,7 @@ async def test_every_dashboard_query_and_recording_rule_returns_data(tmp_path: P
                             pass
                         await asyncio.sleep(0.2)
                 await _mixed_load(door, until=time.monotonic() + 6)
-                await asyncio.sleep(3)  # a few more scrapes and rule evaluations
+                await _evaluated_after(client, url, time.time() + 1.5)  # the load's end is scraped and evaluated
                 ups = await _query(client, url, "up")
                 assert {r["metric"]["job"]: r["value"][1] for r in ups} == {
                     "agent": "1",

@@ -34,6 +34,7 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 TOOL_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
+SHUTDOWN_POLL_S = 0.02
 REJECT_ADMISSION = "admission"
 REJECT_INVALID = "invalid_argument"
 REJECT_BUSY = "session_busy"
@@ -196,7 +197,8 @@ def serve_http(
         address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
 
     server = make_server(address, port, app, Server, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    # A short poll: closing the endpoint (a drain's last step) waits for the loop to notice, 0.5 s by default.
+    thread = threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), name="metrics-http", daemon=True)
     thread.start()
     return MetricsEndpoint(server, thread)
 
