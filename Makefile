@@ -161,7 +161,7 @@ up: compose-check ## docker compose: build and start the stack, wait until healt
 	@echo "Grafana: http://localhost:3000   Jaeger: http://localhost:16686   Stop: make down"
 
 .PHONY: down
-down: compose-check ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
+down: compose-check ## docker compose: stop the stack (conversations stay in the redis-data volume; ARGS=--volumes drops them)
 	$(COMPOSE) down $(ARGS)
 
 # Kubernetes: the agent image (the Envoy image is the official one) and manifests that use it.

@@ -10,7 +10,8 @@ then environment variables, then the defaults declared in the template's
 `# @var NAME=default | meaning` lines. Rules:
 - a placeholder is a dollar sign and a declared NAME in braces; an undeclared one is an error;
 - lines whose first non-blank character is `#` are copied unchanged;
-- lines between `# @if NAME` and `# @endif` are kept only when NAME is on, true, yes or 1.
+- lines between `# @if NAME` and `# @endif` are kept only when NAME is on, true, yes or 1; after an
+  optional `# @else`, only when it is not (no nesting).
 
 Only the standard library, so any Python 3.11 runs it. Bad input exits 2 with one line.
 """
@@ -32,6 +33,7 @@ WEB_ROOT = HERE.parent / "web"  # the chat page; ENVOY_WEB_ROOT outside containe
 
 _VAR = re.compile(r"^# @var ([A-Za-z_][A-Za-z0-9_]*)=(\S*) \| (.+)$")
 _IF = re.compile(r"^# @if ([A-Za-z_][A-Za-z0-9_]*)\s*$")
+_ELSE = re.compile(r"^# @else\s*$")
 _ENDIF = re.compile(r"^# @endif\s*$")
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TRUE = frozenset({"on", "true", "yes", "1"})
@@ -82,16 +84,25 @@ def render(
             raise RenderError(f"{name} must be a single line")
 
     out: list[str] = []
+    condition: str | None = None  # the open @if's variable
     skipping = False
     for number, line in enumerate(text.splitlines(), start=1):
         if match := _IF.match(line):
-            if match.group(1) not in declared:
-                raise RenderError(f"line {number}: @if on undeclared variable {match.group(1)}")
-            skipping = not is_on(values[match.group(1)])
+            if condition is not None:
+                raise RenderError(f"line {number}: @if inside the @if {condition} (no nesting)")
+            condition = match.group(1)
+            if condition not in declared:
+                raise RenderError(f"line {number}: @if on undeclared variable {condition}")
+            skipping = not is_on(values[condition])
             out.append(line)
             continue
-        if _ENDIF.match(line):
-            skipping = False
+        if _ELSE.match(line) or _ENDIF.match(line):
+            if condition is None:
+                raise RenderError(f"line {number}: {line.strip()} without an @if")
+            if _ELSE.match(line):
+                skipping = is_on(values[condition])
+            else:
+                condition, skipping = None, False
             out.append(line)
             continue
         if skipping:
@@ -107,6 +118,8 @@ def render(
             return values[name]
 
         out.append(_PLACEHOLDER.sub(substitute, line))
+    if condition is not None:
+        raise RenderError(f"the @if {condition} has no @endif")
     return "\n".join(out) + "\n"
 
 

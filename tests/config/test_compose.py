@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,7 +31,7 @@ from tests.config.stack import (
     envoy_page_files,
 )
 
-SERVICES = {"agent", "envoy", "model", "otel-collector", "jaeger", "prometheus", "grafana"}
+SERVICES = {"agent", "envoy", "model", "redis", "otel-collector", "jaeger", "prometheus", "grafana"}
 # Run once and exit; their dependents wait for `service_completed_successfully`.
 ONE_SHOTS = {"envoy-config"}
 PUBLISHED = {"envoy", "grafana", "jaeger"}
@@ -97,7 +98,7 @@ def test_envoy_starts_on_the_config_render_py_wrote_into_the_shared_volume() -> 
     envoy_mounts = {v["target"]: v for v in envoy["volumes"]}
     assert envoy_mounts[str(out.parent)]["source"] == volume["source"]
     assert envoy_mounts[str(out.parent)]["read_only"] is True
-    assert envoy["entrypoint"] == ["envoy"] and envoy["command"][:2] == ["-c", str(out)]
+    assert envoy["entrypoint"] == ["bash", f"{template}/serve.sh"] and envoy["command"][:2] == ["-c", str(out)]
     dockerfile = (REPO / "services/agent/Dockerfile").read_text()
     assert f"chown agent:agent /data {out.parent}" in dockerfile, "a new volume takes the image directory's owner"
 
@@ -119,16 +120,56 @@ def test_only_the_front_door_and_the_two_uis_are_published() -> None:
     assert [p["target"] for p in services["envoy"]["ports"]] == [int(envoy_defaults()["ENVOY_GRPC_PORT"])]
 
 
-def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
+def test_the_agent_runs_read_only_and_keeps_nothing_on_disk() -> None:
+    """Conversations live in Redis: the image's data directory is an empty tmpfs, not a volume."""
     model = compose_model()
     agent = model["services"]["agent"]
     assert agent["read_only"] is True
     assert any(entry.startswith("/tmp") for entry in agent["tmpfs"])
-    data = [v for v in agent["volumes"] if v["target"] == str(compose_settings().data_dir)]
-    assert len(data) == 1 and data[0]["type"] == "volume"
-    assert data[0]["source"] in model["volumes"]
-    for name in ("model", "envoy", "envoy-config", "otel-collector"):
+    assert any(entry.startswith(f"{compose_settings().data_dir}:") for entry in agent["tmpfs"])
+    assert not agent.get("volumes"), "the agent needs no volume: its conversations are in Redis"
+    for name in ("model", "envoy", "envoy-config", "otel-collector", "redis"):
         assert model["services"][name]["read_only"] is True, name
+
+
+def test_conversations_live_in_the_redis_service_with_append_only_persistence_on_a_volume() -> None:
+    model = compose_model()
+    redis, agent = model["services"]["redis"], model["services"]["agent"]
+    url = urlsplit(compose_settings().session_store)
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert agent["depends_on"]["redis"]["condition"] == "service_healthy"
+    command = redis["command"]
+    option = {command[i]: command[i + 1] for i in range(1, len(command) - 1) if command[i].startswith("--")}
+    assert command[0] == "redis-server" and option["--appendonly"] == "yes"
+    assert option["--maxmemory-policy"] == "noeviction", "conversations are never evicted"
+    assert parse_bytes(option["--maxmemory"]) <= 0.7 * int(redis["deploy"]["resources"]["limits"]["memory"])
+    (data,) = redis["volumes"]
+    assert (data["type"], data["target"]) == ("volume", "/data") and data["source"] in model["volumes"]
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    assert redis["image"] == dotenv()["REDIS_IMAGE"] and not redis.get("ports")
+
+
+def parse_bytes(value: str) -> int:
+    """Redis's memory units (`160mb`, `1gb`)."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]b)?", value.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * {None: 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}[unit]
+
+
+def test_stopping_envoy_drains_it_first() -> None:
+    """serve.sh runs drain.sh on SIGTERM; compose waits for that before SIGKILL."""
+    envoy = compose_model()["services"]["envoy"]
+    drain = (REPO / "deploy/envoy/drain.sh").read_text()
+    max_s = int(re.search(r"max_s=\$\{DRAIN_MAX_S:-(\d+)\}", drain).group(1))  # type: ignore[union-attr]
+    min_s = int(envoy["environment"]["DRAIN_MIN_S"])
+    assert parse_duration(envoy["stop_grace_period"]) >= min_s + max_s + 2
+    args = envoy["command"]
+    assert args[args.index("--drain-strategy") + 1] == "immediate"
+    assert int(args[args.index("--drain-time-s") + 1]) > min_s
+
+
+def parse_duration(value: str) -> float:
+    assert value.endswith("s"), value
+    return float(value[:-1])
 
 
 def test_without_credentials_the_stack_answers_with_the_embedded_model() -> None:

@@ -251,6 +251,9 @@ def test_image_tags_agree_between_env_and_kustomize() -> None:
             assert container(overlay, deployment)["image"] == image
     assert services()["agent"]["image"] == expected["agent"]
     assert services()["envoy"]["image"] == expected["envoy"]
+    for overlay in OVERLAYS:
+        (redis,) = k8s_object(overlay, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+        assert redis["image"] == env["REDIS_IMAGE"] == services()["redis"]["image"]
 
 
 def test_every_bind_mount_source_exists() -> None:

@@ -32,11 +32,16 @@ REASONS: dict[tuple[str, str], str] = {
     ("compose", "AGENT_WORKERS=0"): "one machine, no replicas: one worker per core uses it (Kubernetes scales pods)",
     ("compose", "AGENT_OLLAMA_HOST=http://host.docker.internal:11434"): "Ollama runs on the Docker host, "
     "not on the container's loopback",
+    ("compose", "AGENT_SESSION_STORE=redis://redis:6379/0"): "conversations live in the compose service `redis`",
     ("k8s base", "AGENT_MODEL_PROVIDER=bedrock"): "the cluster runs no llama-server; Bedrock needs none "
     "and authenticates with the pod's AWS identity",
+    ("k8s base", "AGENT_SESSION_STORE=redis://redis:6379/0"): "every replica continues any conversation: "
+    "the Redis StatefulSet `redis`",
     ("k8s dev", "AGENT_MODEL_PROVIDER=demo"): "dev runs anywhere, without credentials",
+    ("k8s dev", "AGENT_SESSION_STORE=redis://redis:6379/0"): "from the base",
     ("k8s prod", "AGENT_MODEL_PROVIDER=bedrock"): "from the base",
     ("k8s prod", "AGENT_REFLECTION=false"): "production does not list its API",
+    ("k8s prod", "AGENT_SESSION_STORE=redis://redis:6379/0"): "from the base",
     ("k8s envoy", "ENVOY_AGENT_MAX_STREAMS=10000"): "HPA maxReplicas (10) x AGENT_MAX_CONCURRENT_STREAMS",
     ("k8s prod envoy", "ENVOY_TLS=on"): "TLS on the second listener",
     ("k8s prod envoy", "ENVOY_TLS_CERT=/etc/envoy-tls/tls.crt"): "the Secret is mounted beside the template",

@@ -75,14 +75,32 @@ def test_precedence_is_argument_then_environment_then_default() -> None:
     )
 
 
+def test_a_condition_keeps_its_block_or_the_else_block() -> None:
+    template = "# @var A=on | a\n# @if A\nx: 1\n# @else\nx: 2\n# @endif\ny: 3\n"
+    kept = [line for line in render.render({}, environ={}, template_text=template).splitlines() if line[0] != "#"]
+    assert kept == ["x: 1", "y: 3"]
+    kept = [
+        line for line in render.render({"A": "off"}, environ={}, template_text=template).splitlines() if line[0] != "#"
+    ]
+    assert kept == ["x: 2", "y: 3"]
+
+
 @pytest.mark.parametrize(
     "template",
-    ["x: ${NOPE}\n", "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n"],
-    ids=["placeholder", "condition"],
+    [
+        "x: ${NOPE}\n",
+        "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n",
+        "# @var A=1 | a\n# @if A\n# @if A\n# @endif\n# @endif\n",
+        "# @var A=1 | a\n# @if A\nx: 1\n",
+        "# @var A=1 | a\n# @else\nx: 1\n",
+    ],
+    ids=["placeholder", "condition", "nested", "unclosed", "else-alone"],
 )
-def test_undeclared_names_are_errors(tmp_path: Path, template: str) -> None:
+def test_undeclared_names_and_unbalanced_conditions_are_errors(tmp_path: Path, template: str) -> None:
     with pytest.raises(render.RenderError):
         render.render({}, environ={}, template_text=template)
+    if "NOPE" not in template:
+        return
     (tmp_path / "t.yaml").write_text(template)
     result = subprocess.run(
         [sys.executable, str(REPO / "deploy/envoy/render.py"), "--template", str(tmp_path / "t.yaml")],
@@ -194,10 +212,16 @@ def test_kubernetes_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path
     )
 
 
-@pytest.mark.parametrize("tls", ["off", "on"])
-def test_envoy_validates_every_variant(tmp_path: Path, tls: str) -> None:
+@pytest.mark.parametrize(("tls", "affinity"), [("off", "on"), ("on", "off")])
+def test_envoy_validates_every_variant(tmp_path: Path, tls: str, affinity: str) -> None:
     cert, key = self_signed_cert(tmp_path)
-    config = render_config(tmp_path / "envoy.yaml", ENVOY_TLS=tls, ENVOY_TLS_CERT=str(cert), ENVOY_TLS_KEY=str(key))
+    config = render_config(
+        tmp_path / "envoy.yaml",
+        ENVOY_TLS=tls,
+        ENVOY_TLS_CERT=str(cert),
+        ENVOY_TLS_KEY=str(key),
+        ENVOY_SESSION_AFFINITY=affinity,
+    )
     result = validate(config)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
@@ -296,6 +320,11 @@ def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
     agent = by_name(resources["clusters"], "agent")
     assert agent["type"] == "STRICT_DNS"
     assert agent["lb_policy"] == "RING_HASH"
+    without_affinity = load(render_config(tmp_path / "no-affinity.yaml", ENVOY_SESSION_AFFINITY="off"))
+    assert by_name(without_affinity["static_resources"]["clusters"], "agent")["lb_policy"] == "LEAST_REQUEST"
+    fronts = [listener for listener in resources["listeners"] if listener["name"].startswith("front_door")]
+    assert fronts and all(listener["traffic_direction"] == "INBOUND" for listener in fronts)  # drain.sh drains them
+    assert "traffic_direction" not in by_name(resources["listeners"], "metrics")
     options = agent["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert "connection_keepalive" in options["explicit_http_config"]["http2_protocol_options"]
     (check,) = agent["health_checks"]
