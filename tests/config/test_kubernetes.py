@@ -142,7 +142,8 @@ def test_network_policies_let_only_envoy_reach_grpc_and_only_prometheus_reach_me
     rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policies["agent"]["ingress"]}
     assert rules == {(50051,): [envoy], (9464,): [prometheus]}
     rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policies["envoy"]["ingress"]}
-    assert rules == {(8080, 8443): None, (9902,): [prometheus]}
+    front_door = (8443,) if overlay == "prod" else (8080, 8443)  # prod: TLS only
+    assert rules == {front_door: None, (9902,): [prometheus]}
     agent = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "agent"}}}
     rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policies["redis"]["ingress"]}
     assert rules == {(6379,): [agent]}
@@ -160,7 +161,7 @@ def test_prod_scales_on_cpu_and_streams_in_flight_and_keeps_three_replicas() -> 
         assert k8s_object("prod", "PodDisruptionBudget", name)["spec"]["maxUnavailable"] == 1
 
 
-def test_prod_turns_reflection_off_and_tls_on() -> None:
+def test_prod_turns_reflection_off_and_tls_on_and_exposes_only_tls() -> None:
     assert k8s_settings("prod").reflection is False
     env = envoy_render_env("prod")
     assert env["ENVOY_TLS"] == "on"
@@ -170,8 +171,9 @@ def test_prod_turns_reflection_off_and_tls_on() -> None:
     mount = next(m for m in container("prod", "envoy")["volumeMounts"] if m["name"] == "tls")
     assert env["ENVOY_TLS_CERT"] == mount["mountPath"] + "/tls.crt"
     assert env["ENVOY_TLS_KEY"] == mount["mountPath"] + "/tls.key"
+    # Only the TLS port is exposed: no plaintext door in production.
     ports = {p["name"]: p["port"] for p in k8s_object("prod", "Service", "envoy")["spec"]["ports"]}
-    assert ports == {"grpc": 8080, "grpc-tls": int(env.get("ENVOY_TLS_PORT", envoy_defaults()["ENVOY_TLS_PORT"]))}
+    assert ports == {"grpc-tls": int(env.get("ENVOY_TLS_PORT", envoy_defaults()["ENVOY_TLS_PORT"]))}
     annotations = k8s_object("prod", "Deployment", "agent")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
 
@@ -341,3 +343,15 @@ def test_the_managed_redis_component_takes_the_url_from_a_secret_and_drops_the_s
     (server,) = agent["spec"]["template"]["spec"]["containers"]
     (store,) = [e for e in server["env"] if e["name"] == "AGENT_SESSION_STORE"]
     assert store["valueFrom"] == {"secretKeyRef": {"name": "agent-session-store", "key": "url"}}
+
+
+def test_prod_runs_with_auth_on_at_envoy_and_the_agent_for_one_identity_provider() -> None:
+    settings = k8s_settings("prod")
+    envoy = {**envoy_defaults(), **envoy_render_env("prod")}
+    assert settings.auth is True and envoy["ENVOY_AUTH"] == "on"
+    assert settings.jwt_issuer == envoy["ENVOY_JWT_ISSUER"]
+    assert settings.jwt_audiences == envoy["ENVOY_JWT_AUDIENCES"]
+    assert settings.jwks_uri == envoy["ENVOY_JWKS_URI"] and settings.jwks_uri.startswith("https://")
+    assert settings.reflection is False
+    for overlay in ("base", "dev"):  # dev (and the base) stay open: nothing to sign tokens in a dev cluster
+        assert envoy_render_env(overlay).get("ENVOY_AUTH") is None
