@@ -384,10 +384,11 @@ def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
         "envoy.filters.http.cors",
         "envoy.filters.http.grpc_web",
         "envoy.filters.http.buffer",
+        "sse-event-ids",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.grpc_stats",
-        "envoy.filters.http.lua",
+        "grpc-status-recorder",
         "envoy.filters.http.router",
     ]
     transcoder = by_name(hcm["http_filters"], "envoy.filters.http.grpc_json_transcoder")["typed_config"]
