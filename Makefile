@@ -146,6 +146,11 @@ COMPOSE_FILES := -f docker-compose.yml $(if $(AWS_PROFILE),-f docker-compose.aws
 COMPOSE := $(if $(AWS_PROFILE),AWS_HOST_UID=$(shell id -u) )$(DOCKER) compose $(COMPOSE_FILES) \
   --env-file .env $(if $(wildcard .env.override),--env-file .env.override)
 FRONT_DOOR ?= localhost:8080
+# compose runs with auth on: a development identity (signing key, JWKS, token) made at `make up`,
+# git-ignored; TOKEN is what the cookbook sends (another token: TOKEN=... make grpcurl).
+DEV_IDENTITY := dev-identity
+TOKEN ?= $(shell cat $(DEV_IDENTITY)/token 2>/dev/null)
+AUTH_HEADER = $(if $(TOKEN),-H 'authorization: Bearer $(TOKEN)')
 
 .PHONY: compose-check
 compose-check: ## Check that Docker and its Compose v2 plugin (`docker compose`) are installed
@@ -155,13 +160,17 @@ compose-check: ## Check that Docker and its Compose v2 plugin (`docker compose`)
 	  echo "make up needs the Compose v2 plugin (\`docker compose\`), which this Docker lacks: install the docker-compose-plugin package (from Docker's apt repository; Docker Desktop includes it). The old docker-compose v1 does not read this project's files." >&2; exit 1; }
 
 .PHONY: up
-up: compose-check ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
+up: compose-check dev-identity ## docker compose: build and start the stack, wait until healthy (Envoy :8080, Grafana :3000, Jaeger :16686)
 	$(COMPOSE) up --detach --build --wait
-	@echo "Front door: grpcurl -plaintext $(FRONT_DOOR) list  (or: make grpcurl)"
+	@echo "Front door (auth on): grpcurl -plaintext -H \"authorization: Bearer \$$(cat $(DEV_IDENTITY)/token)\" $(FRONT_DOOR) list  (or: make grpcurl)"
 	@echo "Grafana: http://localhost:3000   Jaeger: http://localhost:16686   Stop: make down"
 
+.PHONY: dev-identity
+dev-identity: $(INSTALLED) ## The development identity compose runs with: a signing key, its JWKS and a bearer token in dev-identity/ (git-ignored)
+	$(PY) deploy/local/dev_identity.py $(DEV_IDENTITY)
+
 .PHONY: down
-down: compose-check ## docker compose: stop the stack (sessions stay in the agent-data volume; ARGS=--volumes drops them)
+down: compose-check ## docker compose: stop the stack (conversations stay in the redis-data volume; ARGS=--volumes drops them)
 	$(COMPOSE) down $(ARGS)
 
 # Kubernetes: the agent image (the Envoy image is the official one) and manifests that use it.
@@ -183,12 +192,12 @@ k8s-manifests: install ## Print k8s/overlays/OVERLAY (dev) with the agent image 
 	  $(VENV)/bin/kubectl kustomize "$$tmp"
 
 .PHONY: grpcurl
-grpcurl: install ## grpcurl cookbook through the front door (FRONT_DOOR=localhost:8080): list, describe, health, a stream
-	$(VENV)/bin/grpcurl -plaintext $(FRONT_DOOR) list
-	$(VENV)/bin/grpcurl -plaintext $(FRONT_DOOR) describe agent.AgentService
+grpcurl: install ## grpcurl cookbook through the front door (FRONT_DOOR=localhost:8080, TOKEN: dev-identity's): list, describe, health, a stream
+	$(VENV)/bin/grpcurl -plaintext $(AUTH_HEADER) $(FRONT_DOOR) list
+	$(VENV)/bin/grpcurl -plaintext $(AUTH_HEADER) $(FRONT_DOOR) describe agent.AgentService
 	$(VENV)/bin/grpcurl -plaintext -d '{"service": "agent.AgentService"}' $(FRONT_DOOR) grpc.health.v1.Health/Check
-	$(VENV)/bin/grpcurl -plaintext -d '{"content": "what is 6*7?"}' $(FRONT_DOOR) agent.AgentService/StreamChat
-	$(VENV)/bin/grpcurl -plaintext -H 'x-session-id: cookbook' -d '{"content": "hello, remember me"}' \
+	$(VENV)/bin/grpcurl -plaintext $(AUTH_HEADER) -d '{"content": "what is 6*7?"}' $(FRONT_DOOR) agent.AgentService/StreamChat
+	$(VENV)/bin/grpcurl -plaintext $(AUTH_HEADER) -H 'x-session-id: cookbook' -d '{"content": "hello, remember me"}' \
 	  $(FRONT_DOOR) agent.AgentService/StreamChat
 
 .PHONY: protos

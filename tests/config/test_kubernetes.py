@@ -5,9 +5,15 @@ network policies, no committed secret)."""
 from __future__ import annotations
 
 import base64
+import re
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from tests.config.stack import (
     OVERLAYS,
@@ -30,6 +36,7 @@ from tests.config.stack import (
 
 SERVICE_NAME = "agent.AgentService"
 DEPLOYMENTS = ("agent", "envoy")
+STATEFUL_SETS = ("redis",)
 # Deployments of the monitoring component (prod uses it).
 MONITORING = ("otel-collector",)
 
@@ -60,11 +67,13 @@ def test_validation_fails_on_an_invalid_manifest() -> None:
 
 
 @pytest.mark.parametrize(
-    ("overlay", "deployment"),
-    [(o, d) for o in OVERLAYS for d in DEPLOYMENTS] + [("prod", d) for d in MONITORING],
+    ("overlay", "kind", "name"),
+    [(o, "Deployment", d) for o in OVERLAYS for d in DEPLOYMENTS]
+    + [(o, "StatefulSet", s) for o in OVERLAYS for s in STATEFUL_SETS]
+    + [("prod", "Deployment", d) for d in MONITORING],
 )
-def test_pods_are_hardened(overlay: str, deployment: str) -> None:
-    pod = k8s_object(overlay, "Deployment", deployment)["spec"]["template"]["spec"]
+def test_pods_are_hardened(overlay: str, kind: str, name: str) -> None:
+    pod = k8s_object(overlay, kind, name)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     account = k8s_object(overlay, "ServiceAccount", pod["serviceAccountName"])
     assert account["automountServiceAccountToken"] is False
@@ -133,7 +142,11 @@ def test_network_policies_let_only_envoy_reach_grpc_and_only_prometheus_reach_me
     rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policies["agent"]["ingress"]}
     assert rules == {(50051,): [envoy], (9464,): [prometheus]}
     rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policies["envoy"]["ingress"]}
-    assert rules == {(8080, 8443): None, (9902,): [prometheus]}
+    front_door = (8443,) if overlay == "prod" else (8080, 8443)  # prod: TLS only
+    assert rules == {front_door: None, (9902,): [prometheus]}
+    agent = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "agent"}}}
+    rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policies["redis"]["ingress"]}
+    assert rules == {(6379,): [agent]}
 
 
 def test_prod_scales_on_cpu_and_streams_in_flight_and_keeps_three_replicas() -> None:
@@ -148,7 +161,7 @@ def test_prod_scales_on_cpu_and_streams_in_flight_and_keeps_three_replicas() -> 
         assert k8s_object("prod", "PodDisruptionBudget", name)["spec"]["maxUnavailable"] == 1
 
 
-def test_prod_turns_reflection_off_and_tls_on() -> None:
+def test_prod_turns_reflection_off_and_tls_on_and_exposes_only_tls() -> None:
     assert k8s_settings("prod").reflection is False
     env = envoy_render_env("prod")
     assert env["ENVOY_TLS"] == "on"
@@ -158,8 +171,9 @@ def test_prod_turns_reflection_off_and_tls_on() -> None:
     mount = next(m for m in container("prod", "envoy")["volumeMounts"] if m["name"] == "tls")
     assert env["ENVOY_TLS_CERT"] == mount["mountPath"] + "/tls.crt"
     assert env["ENVOY_TLS_KEY"] == mount["mountPath"] + "/tls.key"
+    # Only the TLS port is exposed: no plaintext door in production.
     ports = {p["name"]: p["port"] for p in k8s_object("prod", "Service", "envoy")["spec"]["ports"]}
-    assert ports == {"grpc": 8080, "grpc-tls": int(env.get("ENVOY_TLS_PORT", envoy_defaults()["ENVOY_TLS_PORT"]))}
+    assert ports == {"grpc-tls": int(env.get("ENVOY_TLS_PORT", envoy_defaults()["ENVOY_TLS_PORT"]))}
     annotations = k8s_object("prod", "Deployment", "agent")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
 
@@ -182,7 +196,7 @@ def test_envoy_config_is_rendered_by_render_py_from_the_deploy_envoy_files_thems
     files = {name: value.encode() for name, value in config_map.get("data", {}).items()}
     files |= {name: base64.b64decode(value) for name, value in config_map.get("binaryData", {}).items()}
     assert files == {name: (REPO / "deploy" / "envoy" / name).read_bytes() for name in files}
-    assert set(files) == {"envoy.yaml", "agent.pb", "render.py"}
+    assert set(files) == {"envoy.yaml", "agent.pb", "render.py", "drain.sh"}
     pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     (template,) = [
@@ -268,3 +282,76 @@ def test_the_monitoring_component_ships_the_collector_and_points_the_traces_at_i
 def test_without_the_monitoring_component_nothing_exports_traces() -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in agent_settings("dev")
     assert [d for d in k8s_kinds("dev", "Deployment") if d["metadata"]["name"] == "otel-collector"] == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_conversations_live_in_the_redis_stateful_set_not_on_the_agent_pods(overlay: str) -> None:
+    url = urlsplit(k8s_settings(overlay).session_store)
+    service = k8s_object(overlay, "Service", url.hostname or "")["spec"]
+    assert url.scheme == "redis" and service["clusterIP"] == "None"
+    assert [p["port"] for p in service["ports"]] == [url.port]
+    redis = k8s_object(overlay, "StatefulSet", "redis")["spec"]
+    assert redis["serviceName"] == url.hostname and service["selector"] == redis["selector"]["matchLabels"]
+    (claim,) = redis["volumeClaimTemplates"]
+    (server,) = redis["template"]["spec"]["containers"]
+    assert {m["name"]: m["mountPath"] for m in server["volumeMounts"]} == {claim["metadata"]["name"]: "/data"}
+    args = server["args"]
+    option = {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}
+    assert args[0] == "redis-server" and option["--appendonly"] == "yes"
+    assert option["--maxmemory-policy"] == "noeviction"
+    assert "PONG" in " ".join(server["readinessProbe"]["exec"]["command"])
+    assert server["image"] == dotenv()["REDIS_IMAGE"]
+    # The agent keeps nothing on pod-local disk but /tmp.
+    agent = container(overlay, "agent")
+    assert [m["mountPath"] for m in agent["volumeMounts"]] == ["/tmp"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_envoy_drains_before_it_stops(overlay: str) -> None:
+    """preStop drain.sh (from the template ConfigMap), Envoy's drain flags, and a grace that covers the script."""
+    pod = k8s_object(overlay, "Deployment", "envoy")["spec"]["template"]["spec"]
+    envoy = container(overlay, "envoy")
+    command = envoy["lifecycle"]["preStop"]["exec"]["command"]
+    template = next(m["mountPath"] for m in envoy["volumeMounts"] if m["name"] == "template")
+    assert command == ["bash", f"{template}/drain.sh"]
+    drain = (REPO / "deploy/envoy/drain.sh").read_text()
+    min_s = int(re.search(r"min_s=\$\{DRAIN_MIN_S:-(\d+)\}", drain).group(1))  # type: ignore[union-attr]
+    max_s = int(re.search(r"max_s=\$\{DRAIN_MAX_S:-(\d+)\}", drain).group(1))  # type: ignore[union-attr]
+    assert pod["terminationGracePeriodSeconds"] >= min_s + max_s + 2
+    args = envoy["args"]
+    assert args[args.index("--drain-strategy") + 1] == "immediate"
+    assert int(args[args.index("--drain-time-s") + 1]) > min_s, "new connections are served while endpoints update"
+
+
+def test_the_managed_redis_component_takes_the_url_from_a_secret_and_drops_the_stateful_set() -> None:
+    """prod with k8s/components/managed-redis, as the README shows (a kustomization referring to both)."""
+    overlay = Path(tempfile.mkdtemp(prefix=".image-overlay.", dir=REPO / "k8s"))  # git-ignored, like make k8s-manifests
+    try:
+        (overlay / "kustomization.yaml").write_text(
+            "resources:\n  - ../overlays/prod\ncomponents:\n  - ../components/managed-redis\n"
+        )
+        result = subprocess.run(
+            [tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False
+        )
+    finally:
+        shutil.rmtree(overlay)
+    assert result.returncode == 0, result.stderr
+    assert validate(result.stdout).returncode == 0
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert not [o for o in objects if o["metadata"]["name"] == "redis"], "the in-cluster Redis is gone"
+    (agent,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "agent"]
+    (server,) = agent["spec"]["template"]["spec"]["containers"]
+    (store,) = [e for e in server["env"] if e["name"] == "AGENT_SESSION_STORE"]
+    assert store["valueFrom"] == {"secretKeyRef": {"name": "agent-session-store", "key": "url"}}
+
+
+def test_prod_runs_with_auth_on_at_envoy_and_the_agent_for_one_identity_provider() -> None:
+    settings = k8s_settings("prod")
+    envoy = {**envoy_defaults(), **envoy_render_env("prod")}
+    assert settings.auth is True and envoy["ENVOY_AUTH"] == "on"
+    assert settings.jwt_issuer == envoy["ENVOY_JWT_ISSUER"]
+    assert settings.jwt_audiences == envoy["ENVOY_JWT_AUDIENCES"]
+    assert settings.jwks_uri == envoy["ENVOY_JWKS_URI"] and settings.jwks_uri.startswith("https://")
+    assert settings.reflection is False
+    for overlay in ("base", "dev"):  # dev (and the base) stay open: nothing to sign tokens in a dev cluster
+        assert envoy_render_env(overlay).get("ENVOY_AUTH") is None

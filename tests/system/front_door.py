@@ -14,7 +14,7 @@ import ipaddress
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import envoy
 import grpc
 import httpx
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -156,24 +157,36 @@ class Envoy:
 
 
 @asynccontextmanager
-async def running_envoy(config: Path, workdir: Path, upstreams: int = 1) -> AsyncIterator[Envoy]:
-    """Start Envoy on `config`; yields once its listeners are up and every upstream is healthy."""
+async def running_envoy(
+    config: Path,
+    workdir: Path,
+    upstreams: int = 1,
+    extra_args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Envoy]:
+    """Start Envoy on `config`; yields once its listeners are up and every upstream is healthy.
+
+    `launcher`: a program that runs `envoy ARGS...` itself (deploy/envoy/serve.sh), found on PATH.
+    """
     admin_path = workdir / "envoy-admin.txt"
     access_log_path = workdir / "envoy-stdout.log"
     stderr_path = workdir / "envoy-stderr.log"
+    command = envoy_command(
+        config,
+        "--admin-address-path",
+        str(admin_path),
+        "--log-level",
+        "warn",
+        "--file-flush-interval-msec",
+        "100",
+        *extra_args,
+    )
+    if launcher:
+        command = [*launcher, *command[1:]]
     with access_log_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            *envoy_command(
-                config,
-                "--admin-address-path",
-                str(admin_path),
-                "--log-level",
-                "warn",
-                "--file-flush-interval-msec",
-                "100",
-            ),
-            stdout=stdout,
-            stderr=stderr,
+            *command, stdout=stdout, stderr=stderr, env=None if env is None else dict(env)
         )
     try:
         admin, listeners = await _wait_started(process, admin_path, stderr_path)
@@ -280,3 +293,28 @@ def prometheus_value(text: str, name: str, labels: Mapping[str, str] | None = No
         if all(f'{key}="{val}"' in label_text for key, val in (labels or {}).items()):
             return float(value)
     return None
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+    """Poll `condition` every 20 ms until it holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+def with_upstreams(config: Path, targets: Sequence[str]) -> Path:
+    """The rendered config at `config`, its `agent` cluster's endpoints replaced by `targets` (HOST:PORT each).
+
+    Replicas of a test share 127.0.0.1 and differ by port, which one DNS name cannot list: each target
+    becomes an endpoint of its own (still resolved by the cluster's STRICT_DNS)."""
+    data = yaml.safe_load(config.read_text())
+    (agent,) = [c for c in data["static_resources"]["clusters"] if c["name"] == "agent"]
+    endpoints = []
+    for target in targets:
+        host, _, port = target.rpartition(":")
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
+    agent["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config

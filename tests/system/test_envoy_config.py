@@ -5,6 +5,7 @@ every variant, and that the settings that keep streams alive are there."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 import re
 import subprocess
@@ -57,15 +58,90 @@ def run_like_a_container(command: list[str], env: dict[str, str], mounts: dict[s
     assert result.returncode == 0, result.stderr
 
 
+# Variables whose empty default means "not used" (the meaning says what then).
+EMPTY_BY_DEFAULT = {"ENVOY_JWT_ISSUER", "ENVOY_JWT_AUDIENCES", "ENVOY_JWKS_URI", "ENVOY_CORS_ORIGINS"}
+# Variables the template reads only through a value render.py derives from them (a list).
+READ_THROUGH_DERIVED = {"ENVOY_JWT_AUDIENCES", "ENVOY_CORS_ORIGINS"}
+
+
 def test_every_placeholder_is_declared_with_a_default_and_a_meaning() -> None:
     text = render.TEMPLATE.read_text()
     declared = render.variables(text)
+    derived = render.derived_names(text)
     used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
     used |= set(re.findall(r"^# @if ([A-Za-z_][A-Za-z0-9_]*)", text, flags=re.MULTILINE))
-    assert used == set(declared), "placeholders and @var declarations differ"
-    assert all(var.default and var.meaning for var in declared.values())
-    rendered = render.render({"ENVOY_TLS": "on"}, environ={})
-    assert "${" not in rendered
+    assert used | READ_THROUGH_DERIVED == set(declared) | set(derived), "placeholders and declarations differ"
+    assert set(derived) <= set(render.DERIVED) and all(derived.values())
+    assert all(var.meaning for var in declared.values())
+    assert {name for name, var in declared.items() if not var.default} == EMPTY_BY_DEFAULT
+    for variant in ({"ENVOY_TLS": "on"}, {"ENVOY_AUTH": "on"}, {"ENVOY_AUTH": "on", "ENVOY_JWKS_URI": "https://idp/k"}):
+        assert "${" not in render.render(variant, environ={})
+
+
+def test_derived_values_follow_the_variables() -> None:
+    def rendered(**values: str) -> dict[str, Any]:
+        return yaml.safe_load(render.render(values, environ={}))
+
+    default = rendered()
+    filters = [f["name"] for f in hcm_of(default)["http_filters"]]
+    assert "envoy.filters.http.jwt_authn" not in filters and "jwks" not in names(
+        default["static_resources"]["clusters"]
+    )
+    cors = hcm_of(default)["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert cors["allow_origin_string_match"] == []
+
+    config = rendered(
+        ENVOY_AUTH="on",
+        ENVOY_JWT_AUDIENCES="agent-service, other",
+        ENVOY_CORS_ORIGINS="https://app.example.com,http://localhost:5173",
+    )
+    provider = by_name(hcm_of(config)["http_filters"], "envoy.filters.http.jwt_authn")["typed_config"]["providers"][
+        "idp"
+    ]
+    assert provider["audiences"] == ["agent-service", "other"]
+    assert provider["local_jwks"] == {"filename": "/etc/jwks/jwks.json"} and "remote_jwks" not in provider
+    cors = hcm_of(config)["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert cors["allow_origin_string_match"] == [
+        {"exact": "https://app.example.com"},
+        {"exact": "http://localhost:5173"},
+    ]
+
+    config = rendered(ENVOY_AUTH="on", ENVOY_JWKS_URI="https://idp.example.com:8443/keys")
+    provider = by_name(hcm_of(config)["http_filters"], "envoy.filters.http.jwt_authn")["typed_config"]["providers"][
+        "idp"
+    ]
+    assert provider["remote_jwks"]["http_uri"] == {
+        "uri": "https://idp.example.com:8443/keys",
+        "cluster": "jwks",
+        "timeout": "5s",
+    }
+    assert "local_jwks" not in provider
+    jwks = by_name(config["static_resources"]["clusters"], "jwks")
+    address = jwks["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "idp.example.com", "port_value": 8443}
+    assert jwks["transport_socket"]["typed_config"]["sni"] == "idp.example.com"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"ENVOY_AUTH": "on", "ENVOY_JWKS_URI": "http://idp.example.com/keys"}, "https://"),
+        ({"ENVOY_CORS_ORIGINS": "https://app.example.com/path"}, "not an origin"),
+        ({"ENVOY_CORS_ORIGINS": "*"}, "not an origin"),
+    ],
+)
+def test_bad_values_of_derived_variables_are_refused(values: dict[str, str], message: str) -> None:
+    with pytest.raises(render.RenderError, match=message):
+        render.render(values, environ={})
+
+
+def hcm_of(config: dict[str, Any]) -> dict[str, Any]:
+    front: dict[str, Any] = by_name(config["static_resources"]["listeners"], "front_door")
+    return front["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
+
+
+def names(items: list[dict[str, Any]]) -> list[str]:
+    return [item["name"] for item in items]
 
 
 def test_precedence_is_argument_then_environment_then_default() -> None:
@@ -75,14 +151,32 @@ def test_precedence_is_argument_then_environment_then_default() -> None:
     )
 
 
+def test_a_condition_keeps_its_block_or_the_else_block() -> None:
+    template = "# @var A=on | a\n# @if A\nx: 1\n# @else\nx: 2\n# @endif\ny: 3\n"
+    kept = [line for line in render.render({}, environ={}, template_text=template).splitlines() if line[0] != "#"]
+    assert kept == ["x: 1", "y: 3"]
+    kept = [
+        line for line in render.render({"A": "off"}, environ={}, template_text=template).splitlines() if line[0] != "#"
+    ]
+    assert kept == ["x: 2", "y: 3"]
+
+
 @pytest.mark.parametrize(
     "template",
-    ["x: ${NOPE}\n", "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n"],
-    ids=["placeholder", "condition"],
+    [
+        "x: ${NOPE}\n",
+        "# @var A=1 | a\n# @if NOPE\nx: 1\n# @endif\n",
+        "# @var A=1 | a\n# @if A\n# @if A\n# @endif\n# @endif\n",
+        "# @var A=1 | a\n# @if A\nx: 1\n",
+        "# @var A=1 | a\n# @else\nx: 1\n",
+    ],
+    ids=["placeholder", "condition", "nested", "unclosed", "else-alone"],
 )
-def test_undeclared_names_are_errors(tmp_path: Path, template: str) -> None:
+def test_undeclared_names_and_unbalanced_conditions_are_errors(tmp_path: Path, template: str) -> None:
     with pytest.raises(render.RenderError):
         render.render({}, environ={}, template_text=template)
+    if "NOPE" not in template:
+        return
     (tmp_path / "t.yaml").write_text(template)
     result = subprocess.run(
         [sys.executable, str(REPO / "deploy/envoy/render.py"), "--template", str(tmp_path / "t.yaml")],
@@ -116,9 +210,22 @@ def test_multi_line_values_are_refused(tmp_path: Path) -> None:
 
 def as_seen_by_envoy(text: str, mounts: Mapping[str, Path]) -> str:
     """A rendered config with the paths of Envoy's container mounts mapped to their files here."""
-    for target, source in mounts.items():
-        text = text.replace(target.rstrip("/") + "/", str(source) + "/")
+    for target, source in sorted(mounts.items(), key=lambda item: -len(item[0])):  # files before directories
+        if source.suffix:
+            text = text.replace(target, str(source))
+        else:
+            text = text.replace(target.rstrip("/") + "/", str(source) + "/")
     return text
+
+
+def dev_identity() -> Any:
+    """deploy/local/dev_identity.py (what `make up` runs)."""
+    spec = importlib.util.spec_from_file_location("dev_identity", REPO / "deploy/local/dev_identity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -> None:
@@ -139,6 +246,10 @@ def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -
     assert envoy["command"][:2] == ["-c", f"{volume}/envoy.yaml"]
     envoy_mounts = {v["target"]: Path(v["source"]) for v in envoy["volumes"] if v["type"] == "bind"}
     assert envoy_mounts[render.variables()["ENVOY_WEB_ROOT"].default] == render.WEB_ROOT
+    # The JWKS `make up` writes (deploy/local/dev_identity.py), made here.
+    jwks_target = render.variables()["ENVOY_JWKS_FILE"].default
+    assert envoy_mounts[jwks_target] == REPO / "dev-identity" / "jwks.json"
+    envoy_mounts[jwks_target] = dev_identity().ensure(tmp_path / "dev-identity").jwks
     local = tmp_path / "local.yaml"
     local.write_text(as_seen_by_envoy(config.read_text(), envoy_mounts))
     result = validate(local)
@@ -185,7 +296,9 @@ def test_kubernetes_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path
     local = tmp_path / "local.yaml"
     local.write_text(as_seen_by_envoy(text, envoy_mounts))
     config_lines = [line for line in local.read_text().splitlines() if not line.lstrip().startswith("#")]
-    assert not [line for line in config_lines if "/etc/" in line], "every file the config names comes from a volume"
+    from_image = [line for line in config_lines if "/etc/" in line]
+    # Every file the config names comes from a volume, but the image's own CA bundle (verifies the JWKS URI).
+    assert all(render.variables()["ENVOY_JWKS_CA"].default in line for line in from_image), from_image
     result = validate(local)
     assert result.returncode == 0, result.stderr
     listeners = [listener["name"] for listener in load(local)["static_resources"]["listeners"]]
@@ -194,10 +307,16 @@ def test_kubernetes_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path
     )
 
 
-@pytest.mark.parametrize("tls", ["off", "on"])
-def test_envoy_validates_every_variant(tmp_path: Path, tls: str) -> None:
+@pytest.mark.parametrize(("tls", "affinity"), [("off", "on"), ("on", "off")])
+def test_envoy_validates_every_variant(tmp_path: Path, tls: str, affinity: str) -> None:
     cert, key = self_signed_cert(tmp_path)
-    config = render_config(tmp_path / "envoy.yaml", ENVOY_TLS=tls, ENVOY_TLS_CERT=str(cert), ENVOY_TLS_KEY=str(key))
+    config = render_config(
+        tmp_path / "envoy.yaml",
+        ENVOY_TLS=tls,
+        ENVOY_TLS_CERT=str(cert),
+        ENVOY_TLS_KEY=str(key),
+        ENVOY_SESSION_AFFINITY=affinity,
+    )
     result = validate(config)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
@@ -225,6 +344,9 @@ def test_the_chat_page_routes_shadow_nothing(tmp_path: Path) -> None:
     (host,) = hcm["route_config"]["virtual_hosts"]
     matches = [{k: v for k, v in route["match"].items() if k != "headers"} for route in host["routes"]]
     assert matches == [
+        {"path": "/v1/chat:stream"},
+        {"safe_regex": {"regex": "/v1/runs/[^/]+/events"}},
+        {"prefix": "/v1/"},
         {"prefix": "/agent.AgentService/"},
         {"prefix": "/grpc.health.v1.Health/"},
         {"prefix": "/grpc.reflection."},
@@ -243,7 +365,7 @@ def test_the_chat_page_routes_shadow_nothing(tmp_path: Path) -> None:
         "/chat.js": "dist/chat.js",
         "/chat.css": "chat.css",
     }
-    for route in host["routes"][3:6]:  # a POST to / (say) is not the page: it gets the 404
+    for route in host["routes"][6:9]:  # a POST to / (say) is not the page: it gets the 404
         (header,) = route["match"]["headers"]
         assert header == {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}
     largest = max(file.stat().st_size for file in files.values())
@@ -259,24 +381,31 @@ def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
     assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
     filters = [f["name"] for f in hcm["http_filters"]]
     assert filters == [
+        "envoy.filters.http.cors",
         "envoy.filters.http.grpc_web",
+        "envoy.filters.http.buffer",
+        "sse-event-ids",
         "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.grpc_stats",
+        "grpc-status-recorder",
         "envoy.filters.http.router",
     ]
-    transcoder = hcm["http_filters"][1]["typed_config"]
+    transcoder = by_name(hcm["http_filters"], "envoy.filters.http.grpc_json_transcoder")["typed_config"]
     assert transcoder["services"] == ["agent.AgentService"]
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
-    assert hcm["http_filters"][2]["typed_config"]["emit_filter_state"] is True
+    assert by_name(hcm["http_filters"], "envoy.filters.http.grpc_stats")["typed_config"]["emit_filter_state"] is True
 
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    proxied = [r for r in routes if "route" in r]
-    assert [r["match"]["prefix"] for r in proxied] == [
+    proxied = [r for r in routes if "route" in r and r["match"].get("prefix") != "/v1/"]
+    assert [r["match"].get("prefix") for r in proxied][2:] == [
         "/agent.AgentService/",
         "/grpc.health.v1.Health/",
         "/grpc.reflection.",
     ]
-    for route in proxied:
+    for route in proxied[:2]:  # the JSON door before transcoding: no retry, no deadline of Envoy's own
+        assert route["route"] == {"cluster": "agent", "timeout": "0s"}
+    for route in proxied[2:]:
         action = route["route"]
         assert action["cluster"] == "agent"
         assert action["timeout"] == "0s"
@@ -296,6 +425,11 @@ def test_the_config_is_streaming_safe_and_sticky(tmp_path: Path) -> None:
     agent = by_name(resources["clusters"], "agent")
     assert agent["type"] == "STRICT_DNS"
     assert agent["lb_policy"] == "RING_HASH"
+    without_affinity = load(render_config(tmp_path / "no-affinity.yaml", ENVOY_SESSION_AFFINITY="off"))
+    assert by_name(without_affinity["static_resources"]["clusters"], "agent")["lb_policy"] == "LEAST_REQUEST"
+    fronts = [listener for listener in resources["listeners"] if listener["name"].startswith("front_door")]
+    assert fronts and all(listener["traffic_direction"] == "INBOUND" for listener in fronts)  # drain.sh drains them
+    assert "traffic_direction" not in by_name(resources["listeners"], "metrics")
     options = agent["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert "connection_keepalive" in options["explicit_http_config"]["http2_protocol_options"]
     (check,) = agent["health_checks"]

@@ -21,7 +21,7 @@ import grpc
 import httpx
 
 from agent_service.proto import agent_pb2, agent_pb2_grpc
-from tests.support.servers import collect, free_port, text_of
+from tests.support.servers import collect, free_port, read_until_error, text_of
 
 REPO = Path(__file__).resolve().parents[2]
 BANNER_END = "Ctrl-C stops everything."
@@ -121,6 +121,7 @@ async def test_make_run_demo_starts_without_the_model_and_keeps_the_access_log_i
         assert 'chat "what is 2*(3+4)?"' in output and "AGENT_MODEL_PROVIDER=demo make run" not in output
         access_log = data_dir / "envoy-access.log"
         assert f"tail -f {access_log}" in output
+        assert "Auth is OFF" in output and "RUN_AUTH=on make run" in output
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['envoy']}") as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -170,3 +171,48 @@ async def test_make_run_demo_starts_without_the_model_and_keeps_the_access_log_i
     assert '"event":"envoy.access"' not in output.replace(" ", ""), "access log lines belong in the file"
     for port in (ports["grpc"], ports["envoy"], ports["admin"]):
         assert port_is_closed(port)
+
+
+async def test_make_run_with_auth_makes_a_development_identity_and_its_examples_carry_the_token(
+    tmp_path: Path,
+) -> None:
+    """RUN_AUTH=on: a key, JWKS and token made at first start; Envoy and the agent require the token."""
+    ports = {name: free_port() for name in ("grpc", "envoy", "admin", "envoy_metrics", "otel")}
+    data_dir = tmp_path / "agent-data"
+    async with make_target(
+        "run",
+        RUN_AUTH="on",
+        AGENT_MODEL_PROVIDER="demo",
+        AGENT_WORKERS="1",
+        AGENT_GRPC_PORT=str(ports["grpc"]),
+        AGENT_METRICS_PORT="0",
+        AGENT_DATA_DIR=str(data_dir),
+        AGENT_SHUTDOWN_GRACE_S="2",
+        ENVOY_GRPC_PORT=str(ports["envoy"]),
+        ENVOY_ADMIN_PORT=str(ports["admin"]),
+        ENVOY_METRICS_PORT=str(ports["envoy_metrics"]),
+        ENVOY_OTEL_PORT=str(ports["otel"]),
+    ) as run:
+        output = await run.read_until(BANNER_END)
+        token_file = data_dir / "dev-identity" / "token"
+        assert "Auth is ON" in output and str(token_file) in output
+        assert f"AGENTCTL_TOKEN=$(cat {token_file}) .venv/bin/agentctl" in output
+        assert f'-H "authorization: Bearer $(cat {token_file})"' in output
+        token = token_file.read_text().strip()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['envoy']}") as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            request = agent_pb2.ChatRequest(content="what is 6*7?")
+            _, refused = await read_until_error(stub.StreamChat(request, timeout=20))
+            assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = await collect(
+                stub.StreamChat(request, metadata=(("authorization", f"Bearer {token}"),), timeout=20)
+            )
+        assert "42" in text_of(answer)
+        # The agent checks too: straight to its port, without Envoy, no token is no answer.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+            _, refused = await read_until_error(
+                agent_pb2_grpc.AgentServiceStub(channel).StreamChat(request, timeout=20)
+            )
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+        output = await run.interrupt()
+    assert "error:" not in output
