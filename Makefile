@@ -41,6 +41,9 @@ AGENTCORE_METRICS_PORT ?= 9465
 # Test tiers: markers set by directory in tests/conftest.py. PYTEST_ARGS is passed to pytest.
 FAST_TESTS := (unit or integration) and not system and not slow and not bench
 PYTEST_ARGS ?=
+# Parallel pytest workers for the fast tier: its tests mostly wait on sockets and timers, so twice
+# the cores keeps 2 cores busy. The other tiers run one test at a time (processes, Envoy, timing).
+TEST_JOBS ?= 4
 
 .PHONY: help
 help: ## List the targets
@@ -60,12 +63,13 @@ run-agentcore: install ## The AgentCore Runtime face beside `make run`: HTTP on 
 test: lint typecheck test-main test-model ## Everything CI runs: lint, type check and every test (builds the model for the test that needs it)
 
 .PHONY: test-fast
-test-fast: install system-tools web-deps ## The edit loop: unit and in-process integration tests, on every core (no model, processes, Envoy or bench)
-	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" -n auto $(PYTEST_ARGS)
+test-fast: install system-tools web-deps ## The edit loop: unit and in-process integration tests, TEST_JOBS at once (no model, processes, Envoy or bench)
+	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 .PHONY: test-main
-test-main: install system-tools web-deps ## Every test except those needing the local model (config, system with Envoy, Prometheus and Chromium, bench smoke)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test-main: install system-tools web-deps ## Every test except those needing the local model: the fast tier in parallel, then config, system (Envoy, Prometheus, Chromium, processes) and the bench smoke one at a time
+	$(PY) -m pytest tests/unit tests/integration -m "$(FAST_TESTS)" -n $(TEST_JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not ($(FAST_TESTS))" $(PYTEST_ARGS)
 
 .PHONY: test-model
 test-model: install model ## The tests that need the local model (marker `slow`); builds llama-server first
