@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
-import os
 import re
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent_service.cli import chat
-from agent_service.cli.connect import CallOptions, call_metadata
-from agent_service.cli.render import Renderer
-from agent_service.proto import agent_pb2
-from tests.support.servers import Running, collect, make_settings, running_server
+from tests.support.agentctl import agentctl
+from tests.support.servers import Running
 
-# No AGENTCTL_* variables of the person running the tests.
-_ENV = {name: value for name, value in os.environ.items() if not name.startswith("AGENTCTL_")}
-
-
-async def agentctl(
-    target: str, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
-) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent_service.cli.agentctl", "--target", target, *args,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=_ENV | (env or {}),
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(stdin), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+# agentctl runs as a process (a terminal, signals, timing): the system tier, one test at a time.
+pytestmark = pytest.mark.system
 
 
 async def test_chat_streams_text_and_marks_tool_calls(served: Running) -> None:
@@ -97,22 +76,6 @@ async def test_failure_exits_non_zero_with_the_status_name(served: Running) -> N
     code, _, err = await agentctl("127.0.0.1:1", "--timeout", "2", "health")
     assert code in (14, 24)
     assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
-
-
-async def test_a_busy_session_is_waited_for_only_when_asked(tmp_path: Path) -> None:
-    """What the next line after Ctrl-C relies on: the cancelled answer keeps the session busy a moment."""
-    settings = make_settings(tmp_path, demo_token_delay_ms=20, demo_reply_words=25)  # a 0.5 s answer
-    async with running_server(settings) as running:
-        other = running.stub.StreamChat(agent_pb2.ChatRequest(content="long", session_id="busy-1"))
-        assert (await other.read()).WhichOneof("response") == "content"  # the session is answering
-        out = Renderer(io.StringIO(), io.StringIO())
-        options = CallOptions(30.0, call_metadata(session_id="busy-1"))
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await chat.answer(running.stub, chat.build_request("next", "busy-1"), options, out)
-        assert refused.value.code() == grpc.StatusCode.ABORTED
-        await chat.answer(running.stub, chat.build_request("next", "busy-1"), options, out, busy_wait_s=30)
-        assert "answering: next" in out.out.getvalue()
-        await collect(other)
 
 
 class _RecordingHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]

@@ -107,3 +107,29 @@ class SilentThenSpeakingModel(DemoModel):
         await asyncio.sleep(self.silence_s)
         async for event in super().stream(messages, tool_specs, system_prompt, **kwargs):
             yield event
+
+
+class GatedModel(DemoModel):
+    """Answers like the demo model, but an answer to a prompt starting with `HOLD` stops after its first word
+    until `gate` is set: a session kept busy exactly as long as a test needs, whatever the machine's load."""
+
+    HOLD = "hold"
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.gate = asyncio.Event()
+
+    async def stream(
+        self,
+        messages: Messages,
+        tool_specs: list[ToolSpec] | None = None,
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterable[StreamEvent]:
+        last = messages[-1] if messages else None
+        held = last is not None and any(b.get("text", "").startswith(self.HOLD) for b in last["content"])
+        async for event in super().stream(messages, tool_specs, system_prompt, **kwargs):
+            yield event
+            if held and "contentBlockDelta" in event:
+                held = False
+                await self.gate.wait()

@@ -9,7 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from agent_service.cli import agentctl, chat, connect, exits, health, lines, render
+from agent_service.cli import agentctl, chat, connect, exits, health, lines, render, runs
+from agent_service.cli import args as args_module
 from agent_service.cli.args import effective_timeout, parse_args
 from agent_service.core.requests import resolve_session_id
 from agent_service.proto import agent_pb2
@@ -311,3 +312,110 @@ def test_notes_and_errors_start_on_a_new_line_on_stderr() -> None:
     colored.note("[cancelled]")
     colored.error("error: UNAVAILABLE")
     assert err.getvalue() == "\x1b[2m[cancelled]\x1b[0m\nerror: UNAVAILABLE\n"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_done_summary_ends_with_the_run_id() -> None:
+    resp = _done()
+    resp.run_id = "0123abcd"
+    expected = "[done] stop=end_turn tokens in=12 out=34 events=5 123 ms run=0123abcd"
+    assert render.format_event(resp) == ("", expected + "\n")
+
+
+def test_heartbeats_print_nothing() -> None:
+    beat = agent_pb2.ChatResponse(heartbeat=agent_pb2.Heartbeat(sequence=3), sequence=3)
+    assert render.format_event(beat) == ("", "")
+
+
+def test_an_aside_never_changes_stdout_but_gets_its_own_line_on_a_terminal() -> None:
+    piped = render.Renderer(out := io.StringIO(), err := io.StringIO())
+    piped.show(_content("half an"))
+    piped.aside("[connection lost]")
+    piped.show(_content(" answer"))
+    assert out.getvalue() == "half an answer" and err.getvalue() == "[connection lost]\n"
+    screen = render.Renderer(_Tty(), err := _Tty())
+    screen.show(_content("half an"))
+    screen.aside("[connection lost]")
+    assert err.getvalue() == "\n[connection lost]\n"
+
+
+def test_fail_counts_as_an_error() -> None:
+    renderer = render.Renderer(io.StringIO(), err := io.StringIO())
+    renderer.fail("[run r ended before its answer was complete]")
+    assert renderer.saw_error and err.getvalue() == "[run r ended before its answer was complete]\n"
+
+
+class _RpcError:
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_transport_failures_are_told_from_statuses_the_server_chose() -> None:
+    reset = "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"
+    assert runs.is_transport_failure(_RpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    assert runs.is_transport_failure(_RpcError(grpc.StatusCode.INTERNAL, reset))
+    assert not runs.is_transport_failure(_RpcError(grpc.StatusCode.INTERNAL, "internal error"))
+    assert not runs.is_transport_failure(_RpcError(grpc.StatusCode.ABORTED, "the session is busy"))
+    assert not runs.is_transport_failure(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+
+def test_backoff_grows_and_stops_at_the_budget_or_the_deadline() -> None:
+    backoff = runs.Backoff(100.0, 30.0, None, jitter=lambda: 0.5)
+    delays = [backoff.next_delay(100.0) for _ in range(6)]
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.0, 3.0]
+    assert backoff.next_delay(129.5) == 0.5  # never past the budget
+    assert backoff.next_delay(130.0) is None
+    assert runs.Backoff(100.0, 30.0, 101.0, jitter=lambda: 0.5).next_delay(101.0) is None  # the deadline first
+
+
+def test_resume_references() -> None:
+    assert args_module.parse_run_ref("0123abcd") == ("0123abcd", 0)
+    assert args_module.parse_run_ref("0123abcd:42") == ("0123abcd", 42)
+    assert parse_args(["chat", "--resume", "r-1:7"], environ={}).resume == ("r-1", 7)
+
+
+def test_policies_default_by_kind_of_chat_and_follow_the_flags() -> None:
+    one_shot = chat.policies(parse_args(["chat", "hi"], environ={}), conversation=False)
+    assert (one_shot.on_disconnect, one_shot.if_busy) == (agent_pb2.CONTINUE, agent_pb2.REJECT)
+    assert one_shot.resumable
+    talk = chat.policies(parse_args(["chat"], environ={}), conversation=True)
+    assert talk.if_busy == agent_pb2.ENQUEUE
+    chosen = chat.policies(
+        parse_args(["chat", "--on-disconnect", "cancel", "--if-busy", "interrupt"], environ={}), conversation=True
+    )
+    assert (chosen.on_disconnect, chosen.if_busy, chosen.resumable) == (agent_pb2.CANCEL, agent_pb2.INTERRUPT, False)
+    request = chat.build_request("hi", on_disconnect=chosen.on_disconnect, if_busy=chosen.if_busy)
+    assert (request.on_disconnect, request.if_busy) == (agent_pb2.CANCEL, agent_pb2.INTERRUPT)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "--resume", "r-1", "hi"],  # a run that exists takes no new prompt
+        ["chat", "--resume", "r-1", "--session", "s"],
+        ["chat", "--resume", "r-1", "--if-busy", "enqueue"],
+        ["chat", "--resume", ":3"],
+        ["chat", "--resume", "r-1:x"],
+        ["chat", "--resume", "r-1:-1"],
+        ["chat", "--if-busy", "maybe", "hi"],
+        ["chat", "--on-disconnect", "never", "hi"],
+    ],
+)
+def test_run_option_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, environ={})
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err

@@ -7,19 +7,26 @@ reflection; the README has the commands.)
 Commands (global options go before the command)::
 
     agentctl [--target HOST:PORT] [--timeout SECONDS] [--token TOKEN] [--plaintext | --tls [--ca FILE]] COMMAND
-    agentctl chat [--session ID] [-m KEY=VALUE]... [--json] ["prompt"]
+    agentctl chat [--session ID] [-m KEY=VALUE]... [--json] [--on-disconnect continue|cancel]
+                  [--if-busy reject|enqueue|interrupt] ["prompt"]
+    agentctl chat --resume RUN_ID[:SEQUENCE] [--json]
     agentctl health [--watch] [SERVICE]
 
 ``--target`` defaults to ``$AGENTCTL_TARGET``, else ``localhost:50051``; ``--token``
 to ``$AGENTCTL_TOKEN`` (sent as ``authorization: Bearer TOKEN``). ``chat`` with a
 prompt makes one StreamChat call; without one it answers the lines of stdin one by
 one on one session (see ``chat.py``): at a terminal with line editing and history,
-where Ctrl-C cancels the answer in progress and Ctrl-D, ``/quit`` or Ctrl-C twice at
-an empty prompt leaves (exit 0). Answers go to stdout, everything else to stderr
-(see ``render.py``); exit codes are in ``exits.py``.
+where Ctrl-C cancels the answer in progress (the next line interrupts what is left
+of it at the server) and Ctrl-D, ``/quit`` or Ctrl-C twice at an empty prompt leaves
+(exit 0). Each answer is a run: its id ends the ``[done]`` line, a dropped connection
+is resumed by itself without showing anything twice (``runs.py``), and ``--resume``
+shows a run again from a given event. Answers go to stdout, everything else to
+stderr (see ``render.py``); exit codes are in ``exits.py``.
 
 The modules: ``args`` (command line), ``connect`` (channel, call metadata), ``render``
-(output), ``lines`` (piped or typed lines), ``chat`` and ``health`` (the commands).
+(output), ``lines`` (piped or typed lines) and ``interrupts`` (a Ctrl-C at the prompt
+is never missed), ``runs`` (following one run across dropped connections), ``chat``
+and ``health`` (the commands).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ TOKEN_ENV = "AGENTCTL_TOKEN"
 DEFAULT_TARGET = "localhost:50051"
 # A health check should fail fast against a dead server; answers and watches are open-ended.
 DEFAULT_TIMEOUT = 5.0
+DISCONNECT_POLICIES = ("continue", "cancel")
+BUSY_POLICIES = ("reject", "enqueue", "interrupt")
 
 
 def _positive_float(text: str) -> float:
@@ -45,6 +47,18 @@ def _session_id(text: str) -> str:
     if not _is_header_value(text):
         raise argparse.ArgumentTypeError(f"must be visible ASCII without spaces: {text!r}")
     return text
+
+
+def parse_run_ref(text: str) -> tuple[str, int]:
+    """Parse ``--resume RUN_ID[:SEQUENCE]``: the run, and the last sequence already seen (0: from the start)."""
+    run_id, sep, sequence = text.partition(":")
+    if not run_id or not _is_header_value(run_id):
+        raise argparse.ArgumentTypeError(f"expected RUN_ID[:SEQUENCE], got {text!r}")
+    if not sep:
+        return run_id, 0
+    if not (sequence.isascii() and sequence.isdigit()):
+        raise argparse.ArgumentTypeError(f"SEQUENCE must be a number >= 0, got {sequence!r}")
+    return run_id, int(sequence)
 
 
 def parse_metadata_item(text: str) -> tuple[str, str]:
@@ -110,6 +124,24 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="request metadata entry (repeatable)",
     )
     chat.add_argument("--json", action="store_true", help="print each response as one JSON line")
+    chat.add_argument(
+        "--on-disconnect",
+        choices=DISCONNECT_POLICIES,
+        help="when the connection drops mid-answer: 'continue' (default) lets the answer run on at the server "
+        "and agentctl resumes it; 'cancel' stops it (and so does Ctrl-C, at once)",
+    )
+    chat.add_argument(
+        "--if-busy",
+        choices=BUSY_POLICIES,
+        help="when the session is answering another request: 'reject' (ABORTED), 'enqueue' (wait in line) or "
+        "'interrupt' (stop that answer); default: enqueue in a terminal conversation, else reject",
+    )
+    chat.add_argument(
+        "--resume",
+        type=parse_run_ref,
+        metavar="RUN_ID[:SEQUENCE]",
+        help="show the rest of a run (the events after SEQUENCE, default 0: all of it), then its live events",
+    )
 
     health = commands.add_parser("health", help="grpc.health.v1 check (exit 0 only when SERVING)")
     health.add_argument("service", nargs="?", default="", help='service name (default: "", the whole server)')
@@ -123,7 +155,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     args = parser.parse_args(argv)
     if args.ca is not None and not args.tls:
         parser.error("--ca requires --tls")
+    if args.command == "chat" and args.resume is not None and _asks_a_new_answer(args):
+        parser.error("--resume follows a run that exists: no prompt, --session, -m, --on-disconnect or --if-busy")
     return args
+
+
+def _asks_a_new_answer(args: argparse.Namespace) -> bool:
+    return args.prompt is not None or any((args.session, args.metadata, args.on_disconnect, args.if_busy))
 
 
 def effective_timeout(args: argparse.Namespace) -> float | None:

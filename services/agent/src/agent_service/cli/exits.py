@@ -2,13 +2,15 @@
 
 * 0: success (``health``: SERVING; an interactive chat left with Ctrl-D, ``/quit``
   or Ctrl-C twice at an empty prompt).
-* 1: the call worked but the outcome is a failure: an in-band ``error`` event, a
-  health status other than SERVING, an unreadable ``--ca`` file.
+* 1: the call worked but the outcome is a failure: an in-band ``error`` event, a run
+  that ended before its answer was complete, a health status other than SERVING, an
+  unreadable ``--ca`` file.
 * 2: bad command line (argparse).
 * 10 + the gRPC status code number when an RPC fails, e.g. 14 (DEADLINE_EXCEEDED = 4),
   24 (UNAVAILABLE = 14). The offset keeps every status distinct from 1 and 2, which
   ``1 + code`` would not (CANCELLED = 1 would give argparse's 2).
-* 130: interrupted with Ctrl-C outside an interactive chat (the call is cancelled).
+* 130: interrupted with Ctrl-C outside an interactive chat (the call is cancelled; an
+  answer asked with ``--on-disconnect continue`` goes on at the server, see ``chat.py``).
 """
 
 from __future__ import annotations

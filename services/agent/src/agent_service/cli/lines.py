@@ -3,7 +3,8 @@
 At a terminal, GNU readline (the standard library's ``readline``) gives line editing
 and a history kept across runs in ``$XDG_STATE_HOME/agentctl/history``. Ctrl-C at the
 prompt discards the line being typed; at an empty prompt it prints a hint the first
-time and ends the conversation the second time in a row, like Ctrl-D.
+time and ends the conversation the second time in a row, like Ctrl-D. `PromptInterrupts`
+makes sure that each Ctrl-C at the prompt is seen at once (readline alone can miss one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import BinaryIO, Protocol, TextIO
 
+from agent_service.cli.interrupts import PromptInterrupts
 from agent_service.cli.render import Renderer
 
 HISTORY_LENGTH = 1000
@@ -95,6 +97,7 @@ class TerminalLines:
         # Where the prompt is drawn: a line ended at the prompt (Ctrl-C, Ctrl-D) is ended there.
         self._echo: TextIO = out.out if self._readline is not None else out.err
         self._loaded = 0
+        self._interrupts = PromptInterrupts()
 
     def read(self) -> str | None:
         armed = False  # Ctrl-C was just pressed at an empty prompt
@@ -120,16 +123,21 @@ class TerminalLines:
 
     def _input(self) -> str:
         if self._readline is not None:
-            return clean_text(input(self._prompt))
+            with self._interrupts.waiting():
+                line = input(self._prompt)
+            return clean_text(line)
         self._out.err.write(self._prompt)
         self._out.err.flush()
-        return clean_text(input())
+        with self._interrupts.waiting():
+            line = input()
+        return clean_text(line)
 
     def _end_prompt_line(self) -> None:
         self._echo.write("\n")
         self._echo.flush()
 
     def __enter__(self) -> TerminalLines:
+        self._interrupts.__enter__()
         if self._readline is not None and self._history is not None:
             with suppress(OSError):  # no history yet, or unreadable: start empty
                 self._readline.read_history_file(str(self._history))
@@ -140,6 +148,7 @@ class TerminalLines:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Append this run's lines to the history file (made on demand); failing that, say nothing."""
+        self._interrupts.__exit__(exc_type, exc, tb)
         if self._readline is None or self._history is None:
             return
         added = self._readline.get_current_history_length() - self._loaded

@@ -1,8 +1,9 @@
 """How agentctl shows things: stdout carries the answer text only, everything else goes to stderr.
 
 Tool calls and results are marked on lines of their own in the answer; in-band errors,
-the per-answer ``[done]`` summary and notes (``[cancelled]``, the session id, hints) go
-to stderr, so ``agentctl chat "..." > answer.txt`` keeps just the answer.
+the per-answer ``[done]`` summary (with the run id) and notes (``[cancelled]``, the
+session id, a lost connection, hints) go to stderr, so ``agentctl chat "..." > answer.txt``
+keeps just the answer.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
 
 
-def format_done(done: Any) -> str:
-    """The one-line summary of an answer."""
+def format_done(done: Any, run_id: str = "") -> str:
+    """The one-line summary of an answer; the run id is what ``agentctl chat --resume`` takes."""
     usage = done.usage
-    return (
+    summary = (
         f"[done] stop={done.stop_reason or '-'} tokens in={usage.input_tokens} out={usage.output_tokens}"
         f" events={done.event_count} {done.duration_ms:.0f} ms"
     )
+    return f"{summary} run={run_id}" if run_id else summary
 
 
 def format_event(resp: Any, *, at_line_start: bool = True) -> tuple[str, str]:
@@ -50,8 +52,8 @@ def format_event(resp: Any, *, at_line_start: bool = True) -> tuple[str, str]:
     if kind == "error":
         return newline, f"[error {resp.error.code or 'UNKNOWN'}] {resp.error.message}\n"
     if kind == "done":
-        return newline, format_done(resp.done) + "\n"
-    return "", ""  # a oneof member newer than this client: nothing to show
+        return newline, format_done(resp.done, resp.run_id) + "\n"
+    return "", ""  # a heartbeat, or a oneof member newer than this client: nothing to show
 
 
 def format_json(resp: Any) -> str:
@@ -104,10 +106,21 @@ class Renderer:
         self.end_line()
         self._write_err(message)
 
+    def fail(self, message: str) -> None:
+        """Report a failed outcome that no event or status carries (the command then exits 1)."""
+        self.saw_error = True
+        self.error(message)
+
     def note(self, message: str) -> None:
         """Print an informational line on stderr (dimmed on a color terminal)."""
         self.end_line()
         self._write_err(message, dim=True)
+
+    def aside(self, message: str) -> None:
+        """A note in the middle of an answer: stdout is left as it is (a newline there would change the
+        answer's text), but on a terminal, where both streams share the screen, the note gets a line of its own."""
+        mid_line = not self.at_line_start and _isatty(self.out) and _isatty(self.err)
+        self._write_err(("\n" if mid_line else "") + message, dim=True)
 
     def _write_out(self, text: str) -> None:
         if not text:
@@ -121,3 +134,10 @@ class Renderer:
             line = _DIM + line + _RESET
         self.err.write(line + "\n")
         self.err.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed, or not a real file
+        return False
