@@ -73,6 +73,8 @@ def running(upstream: str, log_dir: Path, otlp_port: int | None = None) -> Itera
         "ENVOY_AGENT_HOST": host,
         "ENVOY_AGENT_PORT": port,
         "ENVOY_AGENT_MAX_STREAMS": "100000",
+        # The per-caller rate limit would refuse the load (one address, thousands of calls a minute).
+        "ENVOY_RATE_LIMIT_CALLS": "100000000",
         "ENVOY_HEALTH_INTERVAL": "1s",
         "ENVOY_DESCRIPTOR_SET": str(REPO / "deploy" / "envoy" / "agent.pb"),
         "ENVOY_WEB_ROOT": str(REPO / "deploy" / "web"),

@@ -199,6 +199,8 @@ def service_launch(
             "AGENT_DEMO_REPLY_WORDS": str(words),
             "AGENT_MAX_TOKENS": str(max(1024, words + 16)),
             "AGENT_MAX_CONCURRENT_STREAMS": "100000",
+            # Every load client calls from 127.0.0.1, one anonymous caller: no per-caller cap here.
+            "AGENT_MAX_STREAMS_PER_PRINCIPAL": "100000",
             "AGENT_MAX_SESSIONS": "100000",
             "AGENT_LOG_LEVEL": "warning",
             "AGENT_LOG_FORMAT": "json",
