@@ -70,9 +70,15 @@ def test_run_with_another_provider_never_builds_the_model(provider: str) -> None
 def test_test_builds_the_model_only_for_the_slow_tier_after_everything_else() -> None:
     lines = plan("test")
     pytest_runs = [i for i, line in enumerate(lines) if "-m pytest" in line]
-    assert [lines[i].split("-m pytest ", 1)[1].strip() for i in pytest_runs] == ['-m "not slow"', "-m slow"]
+    fast = re.search(r"^FAST_TESTS := (.+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert fast and len(pytest_runs) == 3
+    parallel, serial, slow = (lines[i].split("-m pytest ", 1)[1].strip() for i in pytest_runs)
+    # The fast tier on parallel workers, then everything else but the model tests: together, "not slow".
+    assert f'-m "{fast.group(1)}" -n ' in parallel
+    assert serial == f'-m "not slow and not ({fast.group(1)})"'
+    assert slow == "-m slow"
     model = index_of(lines, MODEL_BUILD)
-    assert pytest_runs[0] < model < pytest_runs[1], "the model is built after the other tests, for the slow ones"
+    assert pytest_runs[1] < model < pytest_runs[2], "the model is built after the other tests, for the slow ones"
     assert index_of(lines, "ruff check") < pytest_runs[0] and index_of(lines, "mypy") < pytest_runs[0]
 
 
