@@ -59,19 +59,26 @@ async def test_the_run_id_ends_the_summary_and_resume_shows_the_rest_exactly_onc
 async def test_a_connection_that_drops_twice_mid_answer_is_resumed_and_the_answer_shown_once(
     tmp_path: Path,
 ) -> None:
+    # 200 words, 20 ms apart (4 s): the resumed stream is still live when the second cut comes (with a
+    # short answer, a slow reconnection could find the run over and get the marker and the end in one
+    # replayed burst, so the second cut had nothing left to interrupt).
+    words = 200
+    settings = make_settings(tmp_path / "data", demo_token_delay_ms=20, demo_reply_words=words)
     async with (
-        running_server(slow_settings(tmp_path)) as server,
+        running_server(settings) as server,
         tcp_proxy("127.0.0.1", server.server.port) as proxy,
     ):
         proxy.cut_after(b"lorem", b"amet")  # after the first filler word, then again in the resumed stream
         code, out, err = await agentctl(proxy.target, "chat", "tell me more")
     assert code == 0, err
     assert proxy.cuts == 2 and proxy.connections >= 3
-    assert out == demo_answer("tell me more", WORDS) + "\n"
+    assert out == demo_answer("tell me more", words) + "\n"
     match = DONE_RUN_ID.search(err)
     assert match is not None, err
     notes = re.findall(r"\[connection lost \((\w+)\); resuming run ([0-9a-f]{32})\]", err)
-    assert notes == [("UNAVAILABLE", match.group(1))] * 2, err
+    # One note per outage: when the second cut comes before the resumed call showed an event (the proxy's
+    # abort can drop the chunk it just forwarded), agentctl counts it as the same outage, still retrying.
+    assert notes in ([("UNAVAILABLE", match.group(1))], [("UNAVAILABLE", match.group(1))] * 2), err
 
 
 async def test_with_on_disconnect_cancel_a_dropped_connection_ends_the_answer(tmp_path: Path) -> None:
