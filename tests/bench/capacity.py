@@ -60,6 +60,8 @@ def plan_capacity(ctx: Context) -> None:
     for processes in ctx.sizes.capacity_workers:
         ctx.raw(processes=processes, wait=False, **slow)
         stack(ctx, workers=processes, wait=False, **slow)
+        if processes > 1:
+            stack(ctx, replicas=processes, wait=False, **slow)
 
 
 def capacity(ctx: Context) -> dict[str, Any]:
@@ -77,6 +79,13 @@ def capacity(ctx: Context) -> dict[str, Any]:
         st = stack(ctx, workers=processes, **slow)
         rows += _levels(ctx, st.label, st.direct, st.processes(), baselines, processes)
         telemetry = st.telemetry
+        if processes > 1:  # as many replicas, each its own process and port, spread by Envoy
+            replicas = stack(ctx, replicas=processes, with_envoy=True, **slow)
+            label = replicas_label(processes)
+            if replicas.envoy is None:
+                rows.append(not_measured(label, replicas.envoy_reason or "not measured: no Envoy"))
+            else:
+                rows += _levels(ctx, label, replicas.envoy, replicas.processes(True), baselines, processes)
     highest = {
         system: max((r["streams"] for r in rows if r["system"] == system and r.get("held")), default=None)
         for system in dict.fromkeys(r["system"] for r in rows)
@@ -100,6 +109,8 @@ def capacity(ctx: Context) -> dict[str, Any]:
         "notes": [
             "N workers (AGENT_WORKERS=N) are compared with a raw baseline of N processes on one port "
             "(SO_REUSEPORT, forked like the workers); the kernel spreads connections across them, not calls",
+            "N replicas are N service processes on ports of their own behind one Envoy (least request, no "
+            "affinity): the same baseline, and Envoy's CPU counted with theirs",
             "server CPU is summed over a group's processes; its RSS is the sum of their PSS (pages shared "
             "since the fork counted once)",
         ],
@@ -119,6 +130,10 @@ def _scaling(highest: dict[str, int | None], workers: tuple[int, ...]) -> dict[s
 
 def _service_label(processes: int) -> str:
     return "direct" if processes == 1 else f"direct ({processes} workers)"
+
+
+def replicas_label(processes: int) -> str:
+    return f"envoy ({processes} replicas)"
 
 
 def baseline_label(processes: int) -> str:

@@ -89,6 +89,7 @@ class Stack:
     telemetry: dict[str, Any] = field(default_factory=dict)
     workers: int = 1  # AGENT_WORKERS of the service
     env: dict[str, str] = field(default_factory=dict)  # the service's telemetry settings
+    replicas: list[ServerProcess] = field(default_factory=list)  # more service processes of their own, behind Envoy
 
     @property
     def label(self) -> str:
@@ -98,6 +99,7 @@ class Stack:
 
     def processes(self, through_envoy: bool = False) -> list[ServerProcess]:
         found = [self.service] if self.service is not None else []
+        found += self.replicas
         if through_envoy and self.envoy_process is not None:
             found.append(self.envoy_process)
         return found
@@ -157,6 +159,7 @@ def stack(
     uvloop: bool = False,
     with_envoy: bool = False,
     workers: int = 1,
+    replicas: int = 1,
     coalesce: bool = True,
     wait: bool = True,
 ) -> Stack:
@@ -164,32 +167,46 @@ def stack(
 
     Started on first use (`wait=False`: only launched, for `plan`) and shared until the run
     ends (`Context`). `workers`: the service's AGENT_WORKERS (worker processes sharing its
-    port); `coalesce`: its AGENT_COALESCE_TEXT.
+    port); `replicas`: service processes of their own, each on its port, that only Envoy puts together
+    (`with_envoy`; `direct` is the first one); `coalesce`: its AGENT_COALESCE_TEXT.
     """
     if ctx.target:
         reason = "not measured: --target given (point --target at the Envoy to measure it)"
         return Stack(direct=ctx.target, service=None, envoy_reason=reason if with_envoy else None)
     mode = telemetry or ctx.telemetry
-    key = (words, delay_ms, mode, uvloop, workers, coalesce)
+    key = (words, delay_ms, mode, uvloop, workers, coalesce, replicas)
     found = ctx._stacks.get(key)
     if found is None:
         env = telemetry_env(ctx, mode) | {"AGENT_COALESCE_TEXT": str(coalesce).lower()}
-        spec = procs.service_launch(
-            ctx.data_dir, words=words, delay_ms=delay_ms, telemetry_env=env, uvloop=uvloop, workers=workers
-        )
-        service = ctx.launch(spec)
-        found = ctx._stacks[key] = Stack(direct=service.address, service=service, workers=workers, env=env)
+        launched = []
+        for replica in range(1, replicas + 1) if replicas > 1 else (0,):
+            spec = procs.service_launch(
+                ctx.data_dir,
+                words=words,
+                delay_ms=delay_ms,
+                telemetry_env=env,
+                uvloop=uvloop,
+                workers=workers,
+                replica=replica,
+            )
+            launched.append(ctx.launch(spec))
+            env = env | {"AGENT_METRICS_PORT": str(procs.free_port())}  # each replica its own metrics port
+        service, *others = launched
+        found = Stack(direct=service.address, service=service, workers=workers, env=env, replicas=others)
+        ctx._stacks[key] = found
     if not wait:
         return found
     assert found.service is not None
-    ctx.wait_ready(found.service)
+    for each in found.processes():
+        ctx.wait_ready(each)
     if not found.telemetry:
         found.telemetry = {"mode": mode, "metrics_endpoint": metrics_served(found.env), "coalesce_text": coalesce}
     if with_envoy and found.envoy is None and found.envoy_reason is None:
         found.envoy_reason = envoy.unavailable()
         if found.envoy_reason is None:
             otlp_port = ctx.sink.port if mode in ("traces", "on") and ctx.sink is not None else None
-            proxy = ctx._running.enter_context(envoy.running(found.service.address, ctx.log_dir, otlp_port))
+            upstreams = [process.address for process in found.processes()]
+            proxy = ctx._running.enter_context(envoy.running(upstreams, ctx.log_dir, otlp_port))
             found.envoy, found.envoy_process = proxy.address, proxy
     return found
 

@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 from tests.bench import procs
 from tests.bench.procs import REPO, ServerProcess
 
@@ -59,10 +61,25 @@ def _wait_healthy(admin_port: int, upstream: str, proxy: ServerProcess, timeout_
     raise TimeoutError(f"envoy did not see {upstream} healthy within {timeout_s:g} s:\n{proxy.log_tail()}")
 
 
+def _with_upstreams(config: Path, upstreams: list[str]) -> None:
+    """The rendered `agent` cluster's endpoints replaced by `upstreams`: replicas on one host differ by port,
+    which the template's one DNS name cannot list."""
+    data = yaml.safe_load(config.read_text())
+    (agent,) = [c for c in data["static_resources"]["clusters"] if c["name"] == "agent"]
+    endpoints = []
+    for upstream in upstreams:
+        host, _, port = upstream.rpartition(":")
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
+    agent["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 @contextlib.contextmanager
-def running(upstream: str, log_dir: Path, otlp_port: int | None = None) -> Iterator[ServerProcess]:
-    """Envoy proxying to `upstream` (host:port); traces go to `otlp_port` when given, else sampling is off."""
-    host, _, port = upstream.rpartition(":")
+def running(upstream: str | list[str], log_dir: Path, otlp_port: int | None = None) -> Iterator[ServerProcess]:
+    """Envoy proxying to `upstream` (host:port, or several: replicas, least-request balanced); traces go to
+    `otlp_port` when given, else sampling is off."""
+    upstreams = [upstream] if isinstance(upstream, str) else upstream
+    host, _, port = upstreams[0].rpartition(":")
     grpc_port, admin_port = procs.free_port(), procs.free_port()
     overrides = {
         "ENVOY_LISTEN_ADDRESS": "127.0.0.1",
@@ -81,13 +98,18 @@ def running(upstream: str, log_dir: Path, otlp_port: int | None = None) -> Itera
         "ENVOY_OTEL_HOST": "127.0.0.1",
         "ENVOY_OTEL_PORT": str(otlp_port or procs.free_port()),
         "ENVOY_TRACE_SAMPLING": "100" if otlp_port else "0",
+        # Replicas share nothing a session needs here (the load names no session): spread by least request.
+        "ENVOY_SESSION_AFFINITY": "on" if len(upstreams) == 1 else "off",
     }
     log_dir.mkdir(parents=True, exist_ok=True)
     config = log_dir / f"envoy-{grpc_port}.yaml"
     _render(overrides, config)
+    if len(upstreams) > 1:
+        _with_upstreams(config, upstreams)
     binary = _binary()
     assert binary is not None
     argv = [binary, "-c", str(config), "--disable-hot-restart", "--log-level", "warning"]
     with procs.running(procs.Launch("envoy", argv, grpc_port, procs.clean_env({})), log_dir) as proxy:
-        _wait_healthy(admin_port, upstream, proxy)
+        for each in upstreams:
+            _wait_healthy(admin_port, each, proxy)
         yield proxy

@@ -187,8 +187,10 @@ def service_launch(
     telemetry_env: Mapping[str, str],
     uvloop: bool = False,
     workers: int = 1,
+    replica: int = 0,
 ) -> Launch:
-    """The agent service as `python -m agent_service.server` with the demo model (`workers`: AGENT_WORKERS)."""
+    """The agent service as `python -m agent_service.server` with the demo model (`workers`: AGENT_WORKERS;
+    `replica`: its number among several separate processes, which are measured apart)."""
     port = free_port()
     env = clean_env(
         {
@@ -212,6 +214,7 @@ def service_launch(
     )
     argv = [sys.executable, "-c", _UVLOOP_SERVICE] if uvloop else [sys.executable, "-m", "agent_service.server"]
     name = ("service-uvloop" if uvloop else "service") + (f"-w{workers}" if workers > 1 else "")
+    name += f"-r{replica}" if replica else ""
     return Launch(name, argv, port, env, listeners=workers)
 
 

@@ -80,10 +80,13 @@ def test_quick_run_writes_results_for_every_scenario(tmp_path: Path) -> None:
     assert "seed" in {row["system"] for row in scenarios["5"]["rows"]}
     assert all("held" in row for row in _measured(scenarios["3"]["rows"]))
     held = scenarios["3"]["highest_level_held"]
-    assert set(held) == {"baseline", "direct", "baseline (2 processes)", "direct (2 workers)"}
+    assert set(held) == {"baseline", "direct", "baseline (2 processes)", "direct (2 workers)", "envoy (2 replicas)"}
     two = [row for row in _measured(scenarios["3"]["rows"]) if row["system"] == "direct (2 workers)"]
     assert two and all(row["vs_baseline"] for row in two)  # beside the baseline of two processes
     assert all(set(row["server"]) == {"service-w2"} for row in two)  # the group measured as one server
+    replicas = [row for row in _measured(scenarios["3"]["rows"]) if row["system"] == "envoy (2 replicas)"]
+    assert replicas and all(row["vs_baseline"] for row in replicas)
+    assert all(len(row["server"]) == 3 for row in replicas)  # two service processes and Envoy, each measured
     assert {row["telemetry"] for row in scenarios["4"]["rows"]} == {"on", "off"}
     assert set(scenarios["4"]["effective"]) == {"on", "off"}
 
