@@ -31,6 +31,7 @@ from concurrent import futures
 
 import grpc
 
+from agent_service.pacing import TokenPacer
 from agent_service.proto import agent_pb2, agent_pb2_grpc
 
 # The demo model's text reply: an acknowledgement of the prompt padded with filler words.
@@ -65,25 +66,6 @@ def _texts(words: list[str], per_message: float) -> Iterator[tuple[str, int]]:
         start = end
 
 
-class Pacer:
-    """The demo model's schedule (`agent_service.models.demo.TokenPacer`): token n is due at start + n × delay.
-
-    A copy, so the baseline does not import strands (seconds of start-up for every baseline process).
-    """
-
-    def __init__(self, delay_s: float) -> None:
-        self._delay_s = delay_s
-        self._next: float | None = None
-
-    async def wait(self, tokens: int = 1) -> None:
-        if not self._delay_s:
-            return
-        now = asyncio.get_running_loop().time()
-        self._next = (now if self._next is None else self._next) + self._delay_s * tokens
-        if self._next > now:
-            await asyncio.sleep(self._next - now)
-
-
 class RawServicer(agent_pb2_grpc.AgentServiceServicer):
     """The baseline: messages shaped like the service's, straight from a loop."""
 
@@ -106,7 +88,7 @@ class RawServicer(agent_pb2_grpc.AgentServiceServicer):
         count_words, delay_s, per_message = self.shape(request.metadata)
         words = reply_words(request.content, count_words)
         sequence = 0
-        pacer = Pacer(delay_s)  # the demo model's schedule, so both pace alike
+        pacer = TokenPacer(delay_s)  # the demo model's schedule, so both pace alike
         for text, count in _texts(words, per_message):
             await pacer.wait(count)
             sequence += 1

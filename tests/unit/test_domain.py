@@ -133,7 +133,7 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_token_pacer_keeps_a_schedule_when_wake_ups_overshoot(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent_service.models import demo
+    from agent_service import pacing
 
     clock = [100.0]
 
@@ -144,9 +144,9 @@ async def test_token_pacer_keeps_a_schedule_when_wake_ups_overshoot(monkeypatch:
     async def late_sleep(seconds: float) -> None:
         clock[0] += seconds + 0.003  # every wake-up is 3 ms late
 
-    monkeypatch.setattr(demo.asyncio, "get_running_loop", FakeLoop)
-    monkeypatch.setattr(demo.asyncio, "sleep", late_sleep)
-    pacer = demo.TokenPacer(0.020)
+    monkeypatch.setattr(pacing.asyncio, "get_running_loop", FakeLoop)
+    monkeypatch.setattr(pacing.asyncio, "sleep", late_sleep)
+    pacer = pacing.TokenPacer(0.020)
     for _ in range(100):
         await pacer.wait()
     assert clock[0] - 100.0 == pytest.approx(100 * 0.020 + 0.003)  # one overshoot, not a hundred

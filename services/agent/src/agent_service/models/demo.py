@@ -15,7 +15,6 @@ stops at `max_tokens` words (one word counts as one token) with `max_tokens`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterable
@@ -26,6 +25,8 @@ from strands.models import Model
 from strands.types.content import ContentBlock, Messages
 from strands.types.streaming import StreamEvent
 from strands.types.tools import ToolSpec
+
+from agent_service.pacing import TokenPacer
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -110,27 +111,6 @@ class DemoModel(Model):
                 "metrics": {"latencyMs": 0},
             }
         }
-
-
-class TokenPacer:
-    """Releases tokens on a fixed schedule: token n is due at start + n × delay.
-
-    Sleeping `delay` per token would add every wake-up's overshoot to the stream (about
-    10% at 20 ms on a busy loop); a schedule keeps the rate of a model generating at a
-    steady speed, and a consumer that fell behind gets the tokens already due at once.
-    """
-
-    def __init__(self, delay_s: float) -> None:
-        self._delay_s = delay_s
-        self._next: float | None = None
-
-    async def wait(self, tokens: int = 1) -> None:
-        if not self._delay_s:
-            return
-        now = asyncio.get_running_loop().time()
-        self._next = (now if self._next is None else self._next) + self._delay_s * tokens
-        if self._next > now:
-            await asyncio.sleep(self._next - now)
 
 
 def _text_of(content: list[ContentBlock]) -> str:
