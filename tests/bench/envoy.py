@@ -16,10 +16,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
 from tests.bench import procs
 from tests.bench.procs import REPO, ServerProcess
+from tests.support.envoy_upstreams import with_upstreams
 
 RENDERER = REPO / "deploy" / "envoy" / "render.py"
 
@@ -61,19 +60,6 @@ def _wait_healthy(admin_port: int, upstream: str, proxy: ServerProcess, timeout_
     raise TimeoutError(f"envoy did not see {upstream} healthy within {timeout_s:g} s:\n{proxy.log_tail()}")
 
 
-def _with_upstreams(config: Path, upstreams: list[str]) -> None:
-    """The rendered `agent` cluster's endpoints replaced by `upstreams`: replicas on one host differ by port,
-    which the template's one DNS name cannot list."""
-    data = yaml.safe_load(config.read_text())
-    (agent,) = [c for c in data["static_resources"]["clusters"] if c["name"] == "agent"]
-    endpoints = []
-    for upstream in upstreams:
-        host, _, port = upstream.rpartition(":")
-        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
-    agent["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
 @contextlib.contextmanager
 def running(upstream: str | list[str], log_dir: Path, otlp_port: int | None = None) -> Iterator[ServerProcess]:
     """Envoy proxying to `upstream` (host:port, or several: replicas, least-request balanced); traces go to
@@ -105,7 +91,7 @@ def running(upstream: str | list[str], log_dir: Path, otlp_port: int | None = No
     config = log_dir / f"envoy-{grpc_port}.yaml"
     _render(overrides, config)
     if len(upstreams) > 1:
-        _with_upstreams(config, upstreams)
+        with_upstreams(config, upstreams)
     binary = _binary()
     assert binary is not None
     argv = [binary, "-c", str(config), "--disable-hot-restart", "--log-level", "warning"]

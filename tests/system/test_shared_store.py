@@ -12,11 +12,12 @@ from pathlib import Path
 import grpc
 
 from agent_service.proto import agent_pb2, agent_pb2_grpc
+from tests.support.envoy_upstreams import with_upstreams
 from tests.support.fake_provider import streaming_provider
 from tests.support.processes import service_process
 from tests.support.redis_server import redis_server
 from tests.support.servers import collect, kinds, text_of
-from tests.system.front_door import render_config, running_envoy, with_upstreams
+from tests.system.front_door import render_config, running_envoy
 
 REPLICAS = 3
 STARTUP_S = 90  # three Python processes starting at once on a busy 2-core machine
