@@ -15,18 +15,8 @@ import pytest
 from agent_service.proto import agent_pb2
 from tests.support.doubles import SilentThenSpeakingModel
 from tests.support.fake_provider import StreamingProvider, streaming_provider
-from tests.support.redis_server import redis_server
 from tests.support.servers import collect, kinds, make_settings, read_until_error, running_server
 from tests.support.tokens import AUDIENCE, ISSUER, Issuer
-
-
-@pytest.fixture(params=["files", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "files":
-        yield "files"
-        return
-    with redis_server(tmp_path / "redis") as server:
-        yield server.url
 
 
 @pytest.fixture

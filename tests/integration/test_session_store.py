@@ -37,16 +37,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["files", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """AGENT_SESSION_STORE for each backend (the files store uses the servers' shared AGENT_DATA_DIR)."""
-    if request.param == "files":
-        yield "files"
-        return
-    with redis_server(tmp_path / "redis") as server:
-        yield server.url
-
-
 @pytest.fixture
 def provider() -> Iterator[StreamingProvider]:
     with streaming_provider(words=4) as fake:
