@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from agent_service.settings import Settings
+from tests.support.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -162,12 +163,7 @@ def agent_settings(overlay: str) -> dict[str, str]:
 @functools.cache
 def envoy_renderer() -> ModuleType:
     """deploy/envoy/render.py, the template renderer make run and the tests use."""
-    spec = importlib.util.spec_from_file_location("envoy_render", REPO / "deploy" / "envoy" / "render.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("deploy/envoy/render.py", "envoy_render")
 
 
 def envoy_config(environ: dict[str, str]) -> dict[str, Any]:

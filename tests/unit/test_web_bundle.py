@@ -8,7 +8,6 @@ output depends only on its inputs and version, so the comparison is byte for byt
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.support.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 WEB = REPO / "deploy" / "web"
@@ -31,11 +32,7 @@ def npm_tools() -> Path:
 
 
 def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("proto_generate", REPO / "protos" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("protos/generate.py", "proto_generate")
 
 
 def _run(argv: list[str]) -> None:
