@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import pytest
 from agent_service.agentcore.app import AgentCoreFace
 from agent_service.proto import agent_pb2
 from tests.support.fake_provider import StreamingProvider, streaming_provider
+from tests.support.json_http import json_http_server
 from tests.support.servers import Running, collect, make_settings, read_until_error, running_server
 from tests.support.tokens import AUDIENCE, ISSUER, Issuer
 
@@ -173,23 +172,9 @@ async def test_keys_from_a_jwks_uri_are_fetched_and_rotated_without_a_call_waiti
     old, new = Issuer(), Issuer()
     document = {"keys": old.jwks()["keys"]}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(document).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    jwks_server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=jwks_server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{jwks_server.server_port}/.well-known/jwks.json"
-    settings = make_settings(tmp_path, auth=True, jwks_uri=uri, jwt_issuer=ISSUER, jwks_refresh_s=0.5)
-    try:
+    with json_http_server(lambda method, path, body: (200, document)) as port:
+        uri = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+        settings = make_settings(tmp_path, auth=True, jwks_uri=uri, jwt_issuer=ISSUER, jwks_refresh_s=0.5)
         async with running_server(settings) as server:
             hi = agent_pb2.ChatRequest(content="hi")
             assert (await collect(server.stub.StreamChat(hi, metadata=bearer(old.token()))))[-1].done
@@ -205,9 +190,6 @@ async def test_keys_from_a_jwks_uri_are_fetched_and_rotated_without_a_call_waiti
                     assert refused == grpc.StatusCode.UNAUTHENTICATED  # until the new key is fetched
                     await asyncio.sleep(0.1)
             assert answer[-1].WhichOneof("response") == "done"
-    finally:
-        jwks_server.shutdown()
-        jwks_server.server_close()
 
 
 def test_the_agentcore_face_verifies_the_forwarded_token(tmp_path: Path) -> None:

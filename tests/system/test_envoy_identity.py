@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent_service.proto import agent_pb2
+from tests.support.json_http import json_http_server
 from tests.support.servers import collect, kinds
 from tests.support.tokens import Issuer
 from tests.system.conftest import FrontDoor, front_door
@@ -219,33 +218,16 @@ def jwks_over_https(directory: Path, jwks: dict[str, Any]) -> Iterator[tuple[str
     """An identity provider's JWKS endpoint on https://localhost:PORT/jwks.json (a self-signed certificate);
     yields its URL, the certificate (the CA to trust) and the times it was fetched."""
     cert, key = self_signed_cert(directory)
-    body = json.dumps(jwks).encode()
     fetched: list[float] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            fetched.append(time.monotonic())
-            self.send_response(200 if self.path == "/jwks.json" else 404)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def respond(method: str, path: str, body: bytes) -> tuple[int, Any]:
+        fetched.append(time.monotonic())
+        return (200 if path == "/jwks.json" else 404), jwks
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://localhost:{server.server_port}/jwks.json", cert, fetched
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with json_http_server(respond, tls=context) as port:
+        yield f"https://localhost:{port}/jwks.json", cert, fetched
 
 
 async def test_keys_from_a_jwks_uri_over_tls(tmp_path: Path) -> None:
