@@ -50,6 +50,11 @@ class RunLogWriter:
         self._due = 0.0  # loop time of the next flush while `_timer` is set
         self._flushing: asyncio.Task[None] | None = None
 
+    @property
+    def idle(self) -> bool:
+        """Nothing is waiting to be written and no write is under way (no task of its own is alive)."""
+        return not self._dirty and self._flushing is None and self._timer is None
+
     def open(self, record: RunRecord) -> None:
         """A run is on: make it known to the log now (resumable before its first event)."""
         self._mark(record, 0.0)
