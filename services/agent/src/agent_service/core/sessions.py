@@ -179,10 +179,6 @@ class SessionRegistry:
         """The session's in-memory state, if any (tests and diagnostics)."""
         return self._sessions.get(key)
 
-    def ephemeral(self) -> Session:
-        """A fresh, unstored conversation that no other call can find."""
-        return Session(key=None)
-
     async def acquire(
         self, target: Session | SessionKey, busy: BusyPolicy = BusyPolicy.REJECT, deadline: Deadline | None = None
     ) -> Session:
