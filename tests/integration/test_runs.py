@@ -11,8 +11,11 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 
+from agent_service.core.run_log import RunLogWriter, RunRecord
 from agent_service.proto import agent_pb2
+from agent_service.store.file_runs import FileRunLog
 from tests.support.doubles import SilentThenSpeakingModel
 from tests.support.fake_provider import StreamingProvider, streaming_provider
 from tests.support.servers import collect, kinds, make_settings, read_until_error, running_server
@@ -194,6 +197,37 @@ async def test_a_silent_run_sends_heartbeats_live_and_when_resumed(tmp_path: Pat
         slow.cancel()
         resumed = await collect(server.stub.ResumeStream(agent_pb2.ResumeRequest(run_id=dict(first)["x-run-id"])))
         assert "heartbeat" in kinds(resumed) and kinds(resumed)[-1] == "done"
+
+
+class SlowToStart:
+    """A run log whose `start` waits for `gate`: a store slower than the client who saw the run's id."""
+
+    def __init__(self, inner: FileRunLog) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+
+    async def start(self, run_id: str, owner: str, ttl_s: float) -> None:
+        await self.gate.wait()
+        await self.inner.start(run_id, owner, ttl_s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_run_is_known_to_its_writer_before_the_store_has_it(tmp_path: Path) -> None:
+    log = SlowToStart(FileRunLog(tmp_path))
+    writer = RunLogWriter(log, ttl_s=60, retention_s=60, logger=structlog.get_logger())
+    record = RunRecord("r1", "alice")
+    writer.open(record)
+    await asyncio.sleep(0.05)
+    assert await log.inner.owner("r1") is None  # not written yet: a resume asks the writer first
+    assert writer.owner("r1") == "alice"
+    writer.close(record)
+    log.gate.set()
+    await writer.aclose(timeout_s=5)
+    assert writer.owner("r1") is None  # ended and written: the store answers from now on
+    assert await log.inner.owner("r1") == "alice"
+    await log.inner.aclose()
 
 
 async def test_bidi_turns_are_runs_too(tmp_path: Path) -> None:

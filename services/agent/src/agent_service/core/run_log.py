@@ -7,7 +7,10 @@ keeps the events runs hand it (as `Reply` objects: they become JSON-able records
 only when written), and one flush every `FLUSH_S` appends each run's batch. A run's
 beginning (so it can be resumed before its first event) and its end are written at
 once. The answer itself never waits for the log; a log that fails is given up for
-that run (the answer goes on, it just cannot be resumed).
+that run (the answer goes on, it just cannot be resumed). Since the store's writes
+happen off the answer's path, the writer also says whose its unfinished runs are
+(`owner`): a client may resume a run as soon as it has seen its id, before the store
+has it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class RunLogWriter:
         self._retention_s = retention_s
         self._logger = logger
         self._dirty: dict[str, RunRecord] = {}
+        self._open: dict[str, str] = {}  # run id → owner, from `open` until the run's end is written
         self._timer: asyncio.Handle | None = None
         self._due = 0.0  # loop time of the next flush while `_timer` is set
         self._flushing: asyncio.Task[None] | None = None
@@ -57,7 +61,12 @@ class RunLogWriter:
 
     def open(self, record: RunRecord) -> None:
         """A run is on: make it known to the log now (resumable before its first event)."""
+        self._open[record.run_id] = record.owner
         self._mark(record, 0.0)
+
+    def owner(self, run_id: str) -> str | None:
+        """The owner of a run of this process whose end the store does not have yet (None otherwise)."""
+        return self._open.get(run_id)
 
     def add(self, record: RunRecord, reply: Reply) -> None:
         """One event of the run, written with the next batch."""
@@ -125,10 +134,12 @@ class RunLogWriter:
             records = [reply.to_record() for reply in batch]
             if record.closing:
                 await log.end(run_id, self._retention_s, records)
+                self._open.pop(run_id, None)
             elif records:
                 await log.append(run_id, records)
         except StoreUnavailableError as error:
             record.failed = True
             record.pending.clear()
             self._dirty.pop(run_id, None)
+            self._open.pop(run_id, None)
             self._logger.warning("run.log_failed", run_id=run_id, error=error.message)

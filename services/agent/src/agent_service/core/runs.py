@@ -278,7 +278,12 @@ class RunManager:
         Heartbeats fill silences. NOT_FOUND when the run is unknown, expired or not the caller's.
         A run that failed ends the replay with its error, after its Failure event, as it did live.
         """
-        if self.retention_s <= 0 or await self.runs.owner(run_id) != principal:
+        if self.retention_s <= 0:
+            raise RunNotFoundError(run_id)
+        owner = self.writer.owner(run_id)
+        if owner is None:
+            owner = await self.runs.owner(run_id)
+        if owner != principal:
             raise RunNotFoundError(run_id)
         loop = asyncio.get_running_loop()
         last = after

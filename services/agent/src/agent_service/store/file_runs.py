@@ -7,7 +7,9 @@ Process-crash safe (appends and an atomic meta rename), not power-loss durable.
 Every run of the service writes here, so the writer keeps its system calls few: the
 owner of a run it started is remembered rather than read back at its end, the
 directory is made once, paths are plain strings (pathlib showed in profiles), and the
-last events go out with the end marker.
+last events go out with the end marker. The file work (JSON encoding, opens, writes,
+renames, reads) runs on one thread of its own, in order: on the event loop it was a
+tenth of a short call's time and sat before its first chunk.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent_service.store.base import StoreUnavailableError
 
 POLL_S = 0.05
 SWEEP_EVERY_S = 60.0
 END = "end"
+
+T = TypeVar("T")
 
 
 class FileRunLog:
@@ -35,6 +41,14 @@ class FileRunLog:
         self._last_sweep = 0.0
         self._owners: dict[str, str] = {}  # runs started by this process and not ended yet
         self._made = False  # the directory exists
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-log")  # one: writes stay in order
+
+    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._io, work, *args)
+        except RuntimeError as exc:  # closed: the service is stopping
+            raise StoreUnavailableError("the run log is closed") from exc
+        return await future
 
     def _events(self, run_id: str) -> Path:
         return self._directory / f"{run_id}.jsonl"
@@ -43,16 +57,21 @@ class FileRunLog:
         return self._directory / f"{run_id}.json"
 
     async def start(self, run_id: str, owner: str, ttl_s: float) -> None:
-        self._sweep()
-        self._write_meta(run_id, {"owner": owner, "expires": time.time() + ttl_s})
         self._owners[run_id] = owner
+        await self._off_loop(self._start, run_id, owner, ttl_s)
 
     async def append(self, run_id: str, records: list[dict[str, Any]]) -> None:
-        self._append(run_id, records)
+        await self._off_loop(self._append, run_id, records)
 
     async def end(self, run_id: str, retention_s: float, records: list[dict[str, Any]] | None = None) -> None:
+        await self._off_loop(self._end, run_id, retention_s, records, self._owners.pop(run_id, None))
+
+    def _start(self, run_id: str, owner: str, ttl_s: float) -> None:
+        self._sweep()
+        self._write_meta(run_id, {"owner": owner, "expires": time.time() + ttl_s})
+
+    def _end(self, run_id: str, retention_s: float, records: list[dict[str, Any]] | None, owner: str | None) -> None:
         self._append(run_id, [*(records or ()), {END: True}])
-        owner = self._owners.pop(run_id, None)
         if owner is None:
             meta = self._read_meta(run_id)
             if meta is None:
@@ -69,7 +88,7 @@ class FileRunLog:
             raise StoreUnavailableError(f"cannot append to run {run_id}: {exc.strerror}") from exc
 
     async def owner(self, run_id: str) -> str | None:
-        meta = self._read_meta(run_id)
+        meta = await self._off_loop(self._read_meta, run_id)
         if meta is None or meta["expires"] < time.time():
             return None
         return str(meta["owner"])
@@ -77,13 +96,14 @@ class FileRunLog:
     async def read(self, run_id: str, after: int, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
         deadline = time.monotonic() + wait_s
         while True:
-            records, ended = self._read_all(run_id, after)
+            records, ended = await self._off_loop(self._read_all, run_id, after)
             if records or ended or time.monotonic() >= deadline:
                 return records, ended
             await asyncio.sleep(POLL_S)
 
     async def aclose(self) -> None:
-        return None
+        """Stop the file thread once the writes handed to it are done (the run log writer flushed before)."""
+        await asyncio.get_running_loop().run_in_executor(None, self._io.shutdown)
 
     def _read_all(self, run_id: str, after: int) -> tuple[list[dict[str, Any]], bool]:
         try:
