@@ -37,12 +37,17 @@ def test_demo_model_needs_the_tool_and_a_fresh_prompt() -> None:
     tool_result = [{"role": "user", "content": [{"toolResult": {"toolUseId": "x", "status": "success",
                                                                 "content": [{"text": "12:00"}]}}]}]  # fmt: skip
     assert _plan_tool_call(tool_result, TOOLS) is None
-    assert _reply_words(tool_result, 0) == ["Here", "is", "what", "the", "tool", "returned:", "12:00"]
+    assert list(_reply_words(tool_result, 0)) == ["Here", "is", "what", "the", "tool", "returned:", "12:00"]
 
 
 def test_demo_reply_length_is_configurable() -> None:
-    assert len(_reply_words(_user("hi"), 100)) == 100
-    assert _reply_words(_user("one two three"), 3) == ["This", "is", "the"]
+    padded = _reply_words(_user("hi"), 12)
+    assert len(padded) == 12
+    prompt = ["This", "is", "the", "demo", "model", "answering:", "hi"]
+    assert list(padded) == [*prompt, "lorem", "ipsum", "dolor", "sit", "amet"]
+    assert padded[-1] == "amet" and padded[:2] == ["This", "is"]
+    assert list(_reply_words(_user("one two three"), 3)) == ["This", "is", "the"]
+    assert len(list(_reply_words(_user("hi"), 100))) == 100
 
 
 @pytest.mark.parametrize("session_id", ["a", "A-b_c.9", "x" * 128, "_lead"])

@@ -334,7 +334,7 @@ class ChatCall:
                 self.observer.rejected(REJECT_BUSY)  # refused before anything ran: the session is busy
             raise
         finally:
-            if not run.finished.is_set():
+            if not run.finished:
                 if keep_going:
                     self._hand_slot_to(run)
                     run.detach()

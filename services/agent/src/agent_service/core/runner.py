@@ -3,7 +3,8 @@
 The agent runs in a task of its own and hands events over a mailbox, so the caller
 can leave at any moment (deadline, client cancel, drain) without a CancelledError
 landing at an arbitrary point inside strands. When the caller leaves early the run
-is cancelled the way strands expects (its ``cancel_signal``), given
+is cancelled the way strands expects (`Agent.cancel` while the invocation runs: a
+``cancel_signal`` would cost a task per run polling it every 50 ms), given
 ``cancel_grace_s`` to stop cleanly, and then abandoned. Whatever way a run ends
 (complete, cut, failed, abandoned) its turn is closed in the history: the user's
 prompt stays, the partial answer the caller already received is kept and marked as
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
-import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -114,7 +114,8 @@ class _Run:
     """What the consumer side knows about one run."""
 
     mailbox: _Mailbox = field(default_factory=_Mailbox)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # asked to stop from outside (deadline, halt, the caller left)
+    agent: Agent | None = None  # set while strands runs the invocation: `Agent.cancel` reaches it
     expired: bool = False
     halted: tuple[ChatError, str] | None = None  # stopped from outside: the error, and the history's reason
     partial: list[str] = field(default_factory=list)  # text handed out since the last message boundary
@@ -131,16 +132,22 @@ class _Run:
         elif isinstance(event, Finished):
             self.stop_reason = event.stop_reason
 
+    def stop_agent(self) -> None:
+        """Cancel the invocation: at once if it is running, else as it starts (see `_produce`)."""
+        self.cancelled = True
+        if self.agent is not None:
+            self.agent.cancel()
+
     def expire(self) -> None:
         self.expired = True
-        self.cancel.set()
+        self.stop_agent()
         self.mailbox.poke()
 
     def halt(self, error: ChatError, reason: str) -> None:
         """Stop the run from outside (interrupted by a newer request, lease lost): it ends with `error`."""
         if self.halted is None:
             self.halted = (error, reason)
-            self.cancel.set()
+            self.stop_agent()
             self.mailbox.poke()
 
 
@@ -347,7 +354,7 @@ class AgentRunner:
         """Let the run stop (cancelled: within the grace, then abandoned), close its turn, save, release."""
         try:
             if not producer.done():
-                run.cancel.set()
+                run.stop_agent()
                 await asyncio.wait({producer}, timeout=self._cancel_grace_s)
             if not producer.done():
                 producer.cancel()
@@ -371,7 +378,7 @@ class AgentRunner:
         agent = session.agent
         if agent is None:
             return
-        cancelled = run.cancel.is_set() or run.stop_reason == "cancelled"
+        cancelled = run.cancelled or run.stop_reason == "cancelled"
         changed = close_turn(agent.messages, "".join(run.partial), reason, cancelled)
         if changed and session.manager is not None and session.lease is not None:
             await session.manager.save_snapshot(agent, is_latest=True)
@@ -396,14 +403,22 @@ async def _produce(agent: Agent, prompt: str, run: _Run) -> None:
     mailbox = run.mailbox
     tools = ToolNames()
     paused = loop.time()
+    # strands clears its cancel signal as the invocation ends, with no await in between:
+    # `run.agent` is set exactly while a cancel reaches this invocation and no later one.
+    run.agent = agent
+    if run.cancelled:
+        agent.cancel()  # stopped before it started: strands applies it at its first checkpoint
     try:
-        async for event in agent.stream_async(prompt, cancel_signal=run.cancel):
-            for item in map_strands_event(event, tools):
-                mailbox.put(item)
-            now = loop.time()
-            if now - paused >= YIELD_INTERVAL_S:
-                await asyncio.sleep(0)
-                paused = loop.time()
+        try:
+            async for event in agent.stream_async(prompt):
+                for item in map_strands_event(event, tools):
+                    mailbox.put(item)
+                now = loop.time()
+                if now - paused >= YIELD_INTERVAL_S:
+                    await asyncio.sleep(0)
+                    paused = loop.time()
+        finally:
+            run.agent = None
     except MaxTokensReachedException:
         # A truncated answer, not a failure: strands keeps the partial message in the history.
         usage = usage_from_counts(agent.event_loop_metrics.accumulated_usage)

@@ -64,7 +64,7 @@ class Run:
         self.run_id = run_id
         self.owner = owner
         self.last_sequence = base_sequence
-        self.finished = asyncio.Event()
+        self.finished = False  # the run is over (its end is on its way to the log)
         self.on_end: Callable[[], None] | None = None  # called once when the run ends (gives back its slot)
         self.task: asyncio.Task[None] | None = None  # the run's own task (a run that may outlive its caller)
         self._manager = manager
@@ -78,8 +78,9 @@ class Run:
         self._count = 0
         self._clock = time.perf_counter()
         self._closed = False
-        # A run in a task of its own hands its events to the caller over this feed while it is attached.
-        self._feed: asyncio.Queue[Reply | ChatError | None] = asyncio.Queue()
+        # A run in a task of its own hands its events to the caller over this feed while it is attached
+        # (made by `start_task` for those runs only: a queue is 3 KB, most runs are read by their caller).
+        self._feed: asyncio.Queue[Reply | ChatError | None] | None = None
         self._attached = True
         # Heartbeats of a run read by its caller: one timer per heartbeat interval, not one per event.
         self._beat: asyncio.TimerHandle | None = None
@@ -107,6 +108,12 @@ class Run:
             self.task.cancel()
         else:
             self._close()
+
+    def start_task(self) -> asyncio.Task[None]:
+        """Read the answer in a task of its own (a run that may outlive its caller, or waits in line first)."""
+        self._feed = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self.drive())
+        return self.task
 
     async def drive(self) -> None:
         """Read the answer in the run's own task, handing its events to the caller while it is attached."""
@@ -182,7 +189,7 @@ class Run:
         self._answer.end()
         if self._record is not None and (self._opened or self._record.pending):
             self._manager.writer.close(self._record)
-        self.finished.set()
+        self.finished = True
         if self.on_end is not None:
             self.on_end()
 
@@ -208,16 +215,18 @@ class Run:
 
     async def _follow_feed(self) -> AsyncIterator[Reply]:
         heartbeat_s = self._manager.heartbeat_s
+        feed = self._feed
+        assert feed is not None
         while True:
-            if self._feed.empty():
+            if feed.empty():
                 try:
                     async with asyncio.timeout(heartbeat_s):
-                        item = await self._feed.get()
+                        item = await feed.get()
                 except TimeoutError:
                     yield self._reply(Heartbeat(), self.last_sequence)
                     continue
             else:
-                item = self._feed.get_nowait()
+                item = feed.get_nowait()
             if item is None:
                 return
             if isinstance(item, ChatError):
@@ -225,7 +234,7 @@ class Run:
             yield item
 
     def _put(self, item: Reply | ChatError | None) -> None:
-        if self._attached or item is None:
+        if self._feed is not None and (self._attached or item is None):
             self._feed.put_nowait(item)
 
     def _reply(self, event: ReplyEvent, sequence: int) -> Reply:
@@ -267,9 +276,8 @@ class RunManager:
         run = Run(self, new_run_id(), call_id, turn, request.session_id, owner, base_sequence, answer, started)
         if request.on_disconnect is DisconnectPolicy.CANCEL and request.if_busy is BusyPolicy.REJECT:
             return run
-        run.task = asyncio.get_running_loop().create_task(run.drive())
         self._live.add(run)
-        run.task.add_done_callback(lambda _task: self._live.discard(run))
+        run.start_task().add_done_callback(lambda _task: self._live.discard(run))
         return run
 
     async def replay(self, run_id: str, after: int, principal: str, until: float) -> AsyncIterator[Reply]:
