@@ -105,7 +105,9 @@ class Stack:
         return found
 
 
-TELEMETRY_MODES = ("off", "metrics", "traces", "on")  # on: metrics and traces
+# on: metrics and traces (every call traced); sampled: metrics and traces of 1 call in `SAMPLED_RATIO`.
+TELEMETRY_MODES = ("off", "metrics", "traces", "on", "sampled")
+SAMPLED_RATIO = 0.1
 
 
 def telemetry_env(ctx: Context, mode: str) -> dict[str, str]:
@@ -113,7 +115,7 @@ def telemetry_env(ctx: Context, mode: str) -> dict[str, str]:
     in-harness OTLP sink (so their cost includes the export), both, or neither."""
     if mode not in TELEMETRY_MODES:
         raise ValueError(f"telemetry mode {mode!r} is not one of {TELEMETRY_MODES}")
-    metrics, traces = mode in ("metrics", "on"), mode in ("traces", "on")
+    metrics, traces = mode in ("metrics", "on", "sampled"), mode in ("traces", "on", "sampled")
     env = {
         "AGENT_METRICS_ENABLED": str(metrics).lower(),
         "AGENT_METRICS_HOST": "127.0.0.1",
@@ -133,7 +135,8 @@ def telemetry_env(ctx: Context, mode: str) -> dict[str, str]:
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_BSP_SCHEDULE_DELAY": "500",
         "OTEL_SERVICE_NAME": "agent-service-bench",
-    }
+    } | ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(SAMPLED_RATIO)}
+         if mode == "sampled" else {})  # fmt: skip
 
 
 def metrics_served(env: dict[str, str], patience_s: float = 3.0) -> bool:

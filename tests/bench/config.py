@@ -18,7 +18,7 @@ class Sizes:
     # Zero delay (coalescing merges what waits) and a delay at which it has nothing to merge.
     throughput_delays_ms: tuple[float, ...] = (0.0, 1.0)
     throughput_uncoalesced: bool = True  # also the service with AGENT_COALESCE_TEXT=false (at zero delay)
-    telemetry_modes: tuple[str, ...] = ("off", "metrics", "traces", "on")  # 4. telemetry cost
+    telemetry_modes: tuple[str, ...] = ("off", "metrics", "traces", "on", "sampled")  # 4. telemetry cost
     # 2. time to first chunk: sequential short calls
     ttfc_calls: int = 1000
     ttfc_words: int = 10

@@ -54,6 +54,22 @@ def _parent(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> str:
     return by_id[span.parent.span_id].name
 
 
+async def test_health_checks_and_reflection_are_not_traced(traced, span_exporter) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    trace_id, traceparent = _traceparent()
+    await health_pb2_grpc.HealthStub(traced.channel).Check(health_pb2.HealthCheckRequest(), metadata=traceparent)
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    reflect = reflection_pb2_grpc.ServerReflectionStub(traced.channel).ServerReflectionInfo(
+        iter([listing]), metadata=traceparent
+    )
+    assert [r async for r in reflect]
+    await collect(traced.stub.StreamChat(agent_pb2.ChatRequest(content="hi"), metadata=traceparent))
+    spans, _ = await _ended_tree(span_exporter, trace_id, "/agent.AgentService/StreamChat")
+    assert not [s.name for s in spans if "Health" in s.name or "Reflection" in s.name]
+
+
 async def test_stream_chat_span_tree_continues_the_callers_trace(traced, span_exporter) -> None:
     trace_id, traceparent = _traceparent()
     request = agent_pb2.ChatRequest(content="what is 2+2", session_id="traced")

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -33,7 +33,12 @@ from agent_service import __version__
 
 STRANDS_SEMCONV_ENV = "OTEL_SEMCONV_STABILITY_OPT_IN"
 REDACT_ALL_TOKEN = "gen_ai_unredacted_attributes="
-UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+UNTRACED_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+UNTRACED_PREFIXES = tuple(f"/{name}/" for name in UNTRACED_SERVICES)
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -78,5 +83,9 @@ def record_content(enabled: bool) -> None:
 
 def server_interceptor() -> grpc.aio.ServerInterceptor:
     """One server span per agent RPC (health checks and reflection are not traced)."""
-    untraced = filters.any_of(*(filters.service_name(name) for name in UNTRACED_SERVICES))
-    return aio_server_interceptor(filter_=filters.negate(untraced))  # type: ignore[no-untyped-call]
+    return aio_server_interceptor(filter_=traced_method)  # type: ignore[no-untyped-call]
+
+
+def traced_method(details: grpc.HandlerCallDetails) -> bool:
+    """Whether a call gets a span: one prefix test (the instrumentation's composed filters took tens of µs a call)."""
+    return not details.method.startswith(UNTRACED_PREFIXES)
