@@ -183,17 +183,17 @@ def stack(
         env = telemetry_env(ctx, mode) | {"AGENT_COALESCE_TEXT": str(coalesce).lower()}
         launched = []
         for replica in range(1, replicas + 1) if replicas > 1 else (0,):
+            own = env if replica <= 1 else env | {"AGENT_METRICS_PORT": str(procs.free_port())}  # a port each
             spec = procs.service_launch(
                 ctx.data_dir,
                 words=words,
                 delay_ms=delay_ms,
-                telemetry_env=env,
+                telemetry_env=own,
                 uvloop=uvloop,
                 workers=workers,
                 replica=replica,
             )
             launched.append(ctx.launch(spec))
-            env = env | {"AGENT_METRICS_PORT": str(procs.free_port())}  # each replica its own metrics port
         service, *others = launched
         found = Stack(direct=service.address, service=service, workers=workers, env=env, replicas=others)
         ctx._stacks[key] = found

@@ -8,18 +8,11 @@ the rest itself: service name and resource attributes, sampler, headers.
 
 strands traces to the *global* tracer provider, so the provider is installed
 globally (a provider handed to StrandsTelemetry alone produced no spans).
-
-The batch exporter encodes spans in Python on a thread of its own: holding the GIL
-for up to the interpreter's switch interval (5 ms) at a time, it delayed the event
-loop's every wake-up during an export, and a call's first chunk by up to 40 ms at
-p99. With tracing on, the interval is cut to `SWITCH_INTERVAL_S` (`make bench`,
-scenario 2: added p99 about halved, p50 and CPU within a few percent).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 
 import grpc
@@ -39,7 +32,6 @@ UNTRACED_SERVICES = (
     "grpc.reflection.v1.ServerReflection",
 )
 UNTRACED_PREFIXES = tuple(f"/{name}/" for name in UNTRACED_SERVICES)
-SWITCH_INTERVAL_S = 0.0005
 
 
 def tracing_requested(environ: Mapping[str, str]) -> bool:
@@ -63,7 +55,6 @@ def configure_tracing(exporter: SpanExporter | None = None) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create(defaults))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
     return provider
 
 
