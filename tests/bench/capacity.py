@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.bench import procs
-from tests.bench.common import Context, Row, compare, measure, not_measured, stack
+from tests.bench.common import Context, Row, compare, measure, not_measured, stack, telemetry_env
 from tests.bench.config import HELD_DURATION_SLACK, HELD_TTFC_P99_MS
 from tests.bench.load import LoadResult, LoadSpec
 
@@ -86,6 +86,7 @@ def capacity(ctx: Context) -> dict[str, Any]:
                 rows.append(not_measured(label, replicas.envoy_reason or "not measured: no Envoy"))
             else:
                 rows += _levels(ctx, label, replicas.envoy, replicas.processes(True), baselines, processes)
+    memory = _memory(ctx, slow) if not ctx.target else {"reason": "not measured: --target given"}
     highest = {
         system: max((r["streams"] for r in rows if r["system"] == system and r.get("held")), default=None)
         for system in dict.fromkeys(r["system"] for r in rows)
@@ -105,6 +106,7 @@ def capacity(ctx: Context) -> dict[str, Any]:
         "stack_telemetry": telemetry,
         "highest_level_held": highest,
         "scaling": _scaling(highest, sizes.capacity_workers),
+        "memory": memory,
         "rows": rows,
         "notes": [
             "N workers (AGENT_WORKERS=N) are compared with a raw baseline of N processes on one port "
@@ -115,6 +117,40 @@ def capacity(ctx: Context) -> dict[str, Any]:
             "since the fork counted once)",
         ],
     }
+
+
+def _memory(ctx: Context, slow: dict[str, Any]) -> dict[str, Any]:
+    """RSS per open stream: the slope between two numbers of open slow streams, each in a fresh process.
+
+    A process keeps (and reuses) what a phase allocated, so the levels' "RSS/stream" flatters every
+    phase after the first, and the first includes one-time growth. Here each size gets a process that
+    served only a warm-up burst; the difference between the two sizes cancels what both have in common.
+    """
+    small, large = ctx.sizes.memory_streams
+    found: dict[str, Any] = {"streams": f"{small} and {large}, each in a fresh process after a warm-up burst"}
+    for system in ("baseline", "direct"):
+        growth_mb: dict[int, float] = {}
+        for users in (small, large):
+            if system == "baseline":
+                spec = procs.raw_launch(processes=1, loop="asyncio", **slow)
+            else:
+                spec = procs.service_launch(ctx.data_dir, telemetry_env=telemetry_env(ctx, ctx.telemetry), **slow)
+            server = ctx.launch(spec)
+            try:
+                ctx.wait_ready(server)
+                warm = LoadSpec(server.address, users=min(small, 10), call_timeout_s=ctx.sizes.slow_ideal_s * 5 + 5)
+                measure(ctx, f"{system} warm-up", warm, [server])
+                row = measure(ctx, system, _steady_spec(ctx, server.address, users), [server])
+                rss = row["server"][server.name]
+                growth_mb[users] = rss["rss_peak_mb"] - rss["rss_idle_mb"]
+                found[f"{system} {users} streams"] = {
+                    "rss_idle_mb": rss["rss_idle_mb"],
+                    "rss_peak_mb": rss["rss_peak_mb"],
+                }
+            finally:
+                server.stop()
+        found[f"{system} kb_per_stream"] = round((growth_mb[large] - growth_mb[small]) * 1024 / (large - small), 1)
+    return found
 
 
 def _scaling(highest: dict[str, int | None], workers: tuple[int, ...]) -> dict[str, Any]:

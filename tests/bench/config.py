@@ -33,6 +33,8 @@ class Sizes:
     # per `capacity_streams_per_channel` streams of each client process.
     capacity_workers: tuple[int, ...] = (1, 2)
     capacity_streams_per_channel: int = 5
+    # RSS per open stream: the slope between these two numbers of open slow streams, each in a fresh process.
+    memory_streams: tuple[int, int] = (50, 150)
     seed_streams: int = 100
     # 6. levers
     strands_tokens: int = 1000
@@ -64,6 +66,7 @@ QUICK = Sizes(
     slow_tokens=10,
     capacity_levels=(10,),
     capacity_rounds=1,
+    memory_streams=(4, 12),
     seed_streams=12,
     strands_tokens=100,
     strands_repeats=1,
