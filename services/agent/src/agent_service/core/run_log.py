@@ -133,7 +133,7 @@ class RunLogWriter:
             batch, record.pending = record.pending, []
             records = [reply.to_record() for reply in batch]
             if record.closing:
-                await log.end(run_id, self._retention_s, records)
+                await log.end(run_id, record.owner, self._retention_s, records)
                 self._open.pop(run_id, None)
             elif records:
                 await log.append(run_id, records)

@@ -409,22 +409,21 @@ async def _produce(agent: Agent, prompt: str, run: _Run) -> None:
     if run.cancelled:
         agent.cancel()  # stopped before it started: strands applies it at its first checkpoint
     try:
-        try:
-            async for event in agent.stream_async(prompt):
-                for item in map_strands_event(event, tools):
-                    mailbox.put(item)
-                now = loop.time()
-                if now - paused >= YIELD_INTERVAL_S:
-                    await asyncio.sleep(0)
-                    paused = loop.time()
-        finally:
-            run.agent = None
+        async for event in agent.stream_async(prompt):
+            for item in map_strands_event(event, tools):
+                mailbox.put(item)
+            now = loop.time()
+            if now - paused >= YIELD_INTERVAL_S:
+                await asyncio.sleep(0)
+                paused = loop.time()
     except MaxTokensReachedException:
         # A truncated answer, not a failure: strands keeps the partial message in the history.
         usage = usage_from_counts(agent.event_loop_metrics.accumulated_usage)
         mailbox.put(Finished(stop_reason="max_tokens", usage=usage))
     except Exception as exc:  # noqa: BLE001 - handed to the caller, which classifies it
         mailbox.put(exc)
+    finally:
+        run.agent = None  # no await since strands' end: no cancel reaches a later invocation
     mailbox.put(_END)
 
 

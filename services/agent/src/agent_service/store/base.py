@@ -130,9 +130,12 @@ class RunLog(Protocol):
 
     async def append(self, run_id: str, records: list[dict[str, Any]]) -> None: ...
 
-    async def end(self, run_id: str, retention_s: float, records: list[dict[str, Any]] | None = None) -> None:
+    async def end(
+        self, run_id: str, owner: str, retention_s: float, records: list[dict[str, Any]] | None = None
+    ) -> None:
         """The run is over: its last `records` are appended, readers see its end, and it is forgotten
-        `retention_s` later (one write where the store allows: most runs end before their first batch)."""
+        `retention_s` later (one write where the store allows: most runs end before their first batch).
+        `owner` is the one `start` was given (a store that rewrites the run's record needs it)."""
         ...
 
     async def owner(self, run_id: str) -> str | None:

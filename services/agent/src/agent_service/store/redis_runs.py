@@ -63,7 +63,9 @@ class RedisRunLog:
 
         await self._store.call(add)
 
-    async def end(self, run_id: str, retention_s: float, records: list[dict[str, Any]] | None = None) -> None:
+    async def end(
+        self, run_id: str, owner: str, retention_s: float, records: list[dict[str, Any]] | None = None
+    ) -> None:
         meta, events = _keys(run_id)
         retention_ms = max(1, int(retention_s * 1000))
 
